@@ -1,0 +1,680 @@
+"""Everything `Vanilla_GAN.ipynb` should not have to show.
+
+Data (MNIST in torchvision's layout, verified, held as one tensor per split), parameter checks,
+run directories, seeding and device choice, per-epoch logging, image grids and animations,
+checkpoints (atomic, `weights_only` loading), the generator's `torch.export`, and the helpers the
+notebook's training loop leans on (EMA of weights, latent interpolation, reading notebook cells).
+
+No module-level state: every function takes what it needs and returns what it makes.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import gzip
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+DATA_DIR_ENV = "GAN_DATA_DIR"  # environment variable that overrides the notebook's default data_dir
+MNIST_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+
+
+@dataclass(frozen=True)
+class IdxFile:
+    """One MNIST file: its unpacked name, the official md5 of its `.gz`, and its IDX header."""
+
+    name: str
+    gz_md5: str
+    magic: int  # 2051 for images (uint8, 3 dims), 2049 for labels (uint8, 1 dim)
+    count: int
+
+    @property
+    def size(self) -> int:
+        """Exact byte size of the unpacked file: header plus payload."""
+        if self.magic == 2051:
+            return 16 + self.count * 28 * 28
+        return 8 + self.count
+
+
+MNIST_FILES = {
+    "train_images": IdxFile("train-images-idx3-ubyte", "f68b3c2dcbeaaa9fbdd348bbdeb94873", 2051, 60000),
+    "train_labels": IdxFile("train-labels-idx1-ubyte", "d53e105ee54ea40749a09fcbcd1e9432", 2049, 60000),
+    "test_images": IdxFile("t10k-images-idx3-ubyte", "9fb629c4189551a2d022fa330f9573f3", 2051, 10000),
+    "test_labels": IdxFile("t10k-labels-idx1-ubyte", "ec29112dd5afa0611ce80d1b7f02629c", 2049, 10000),
+}
+
+# The paper's split (Goodfellow et al. 2014, and the pylearn2 code behind it): the first 50,000
+# training images train, the last 10,000 are the validation set, the 10,000 test images are only
+# used for final numbers.
+N_TRAIN = 50000
+
+
+class DataError(RuntimeError):
+    """MNIST is missing, truncated or corrupt. The message says which file and what to do."""
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _how_to_point_elsewhere() -> str:
+    return (
+        f"Point the notebook's `data_dir` parameter (or the {DATA_DIR_ENV} environment variable) at "
+        "a directory that holds MNIST/raw/ in torchvision's layout, e.g. "
+        f"`{DATA_DIR_ENV}=/path/to/data` or `papermill ... -p data_dir /path/to/data`."
+    )
+
+
+def parse_idx(raw: bytes, spec: IdxFile, source: Path) -> np.ndarray:
+    """Check an IDX file's size and header against `spec` and return its payload as uint8."""
+    if len(raw) != spec.size:
+        raise DataError(
+            f"{source} is {len(raw):,} bytes, expected {spec.size:,}: the file is truncated or is "
+            f"not {spec.name}. Delete it so it can be downloaded again, or replace it."
+        )
+    magic, count = int.from_bytes(raw[0:4], "big"), int.from_bytes(raw[4:8], "big")
+    if magic != spec.magic or count != spec.count:
+        raise DataError(
+            f"{source} has IDX header (magic {magic}, count {count}), expected (magic {spec.magic}, "
+            f"count {spec.count}): the file is corrupt or is not {spec.name}. Delete it so it can "
+            "be downloaded again, or replace it."
+        )
+    if spec.magic == 2051:
+        rows, cols = int.from_bytes(raw[8:12], "big"), int.from_bytes(raw[12:16], "big")
+        if (rows, cols) != (28, 28):
+            raise DataError(f"{source} holds {rows}x{cols} images, expected 28x28: the file is corrupt.")
+        return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(count, 28, 28)
+    return np.frombuffer(raw, dtype=np.uint8, offset=8)
+
+
+def _download(url: str, dest: Path, md5: str, timeout: float) -> None:
+    """Download to a temporary file beside `dest`, check the md5, then rename: never half a file."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+        if _md5(Path(tmp)) != md5:
+            raise DataError(f"{url} downloaded with the wrong md5; try again later or another mirror.")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _download_gz(raw_dir: Path, spec: IdxFile, timeout: float) -> str | None:
+    """Try each mirror for `spec`'s `.gz`; return None on success, the last error otherwise."""
+    error = None
+    for mirror in MNIST_MIRRORS:
+        try:
+            _download(mirror + spec.name + ".gz", raw_dir / (spec.name + ".gz"), spec.gz_md5, timeout)
+            return None
+        except (urllib.error.URLError, OSError, DataError) as exc:
+            error = f"{mirror}: {exc}"
+    return error
+
+
+def read_mnist_file(raw_dir: Path, spec: IdxFile) -> np.ndarray:
+    """Read one MNIST file from `raw_dir`, verified: the unpacked file if present, else its `.gz`.
+
+    The unpacked file is checked by size and IDX header; the `.gz` by the official md5 first.
+    """
+    plain, packed = raw_dir / spec.name, raw_dir / (spec.name + ".gz")
+    if plain.exists():
+        return parse_idx(plain.read_bytes(), spec, plain)
+    if _md5(packed) != spec.gz_md5:
+        raise DataError(
+            f"{packed} has the wrong md5 (expected {spec.gz_md5}): the download was cut short or "
+            "the file is corrupt. Delete it and run again to download it afresh, or replace it."
+        )
+    # Unpacked in memory only: nothing is written next to the .gz, so nothing can be half-written.
+    return parse_idx(gzip.decompress(packed.read_bytes()), spec, packed)
+
+
+def ensure_mnist(data_dir: str | os.PathLike, download: bool = True, timeout: float = 30.0) -> Path:
+    """Return `<data_dir>/MNIST/raw`, downloading any missing `.gz` file into it when allowed.
+
+    Raises DataError naming the directory, the four files and the setting to change when files are
+    missing and cannot be downloaded.
+    """
+    raw_dir = Path(data_dir).expanduser() / "MNIST" / "raw"
+    missing = [s for s in MNIST_FILES.values()
+               if not (raw_dir / s.name).exists() and not (raw_dir / (s.name + ".gz")).exists()]
+    errors = []
+    if missing and download:
+        try:
+            raw_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            errors.append(f"cannot create {raw_dir}: {exc}")
+        else:
+            errors = [e for e in (_download_gz(raw_dir, s, timeout) for s in missing) if e]
+    still_missing = [s.name for s in missing if not (raw_dir / (s.name + ".gz")).exists()]
+    if still_missing:
+        why = ("downloading failed (" + "; ".join(errors) + ")") if errors else "downloading is off"
+        names = ", ".join(s.name for s in MNIST_FILES.values())
+        raise DataError(
+            f"MNIST is not in {raw_dir.resolve()}: missing {', '.join(still_missing)} "
+            f"(each as the file or its .gz; all four are needed: {names}), and {why}. "
+            + _how_to_point_elsewhere()
+        )
+    return raw_dir
+
+
+def load_mnist_arrays(data_dir: str | os.PathLike, download: bool = True) -> dict[str, np.ndarray]:
+    """All four MNIST files as uint8 arrays, keyed like MNIST_FILES."""
+    raw_dir = ensure_mnist(data_dir, download=download)
+    return {key: read_mnist_file(raw_dir, spec) for key, spec in MNIST_FILES.items()}
+
+
+def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, 28, 28) -> float32 (N, 784) in [-1, 1], the range of the generator's tanh."""
+    x = torch.as_tensor(np.array(images_uint8) if isinstance(images_uint8, np.ndarray) else images_uint8)
+    x = x.reshape(len(x), -1).float()
+    return x.div_(127.5).sub_(1.0)
+
+
+def to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """Model-range images in [-1, 1] -> [0, 1] (pixels as the paper's Parzen code sees them)."""
+    return (x + 1.0) / 2.0
+
+
+@dataclass
+class MnistSplits:
+    """The paper's split, each image set as one float32 (N, 784) tensor in [-1, 1] on one device."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def load_mnist(data_dir: str | os.PathLike, device: str | torch.device = "cpu",
+               train_subset: int = 0, download: bool = True) -> MnistSplits:
+    """Load MNIST as the paper split it: train = first 50,000, val = last 10,000, test = 10,000.
+
+    `train_subset` > 0 keeps only the first that many training images (quick tries); validation
+    and test sets are never cut, so metrics stay comparable.
+    """
+    arrays = load_mnist_arrays(data_dir, download=download)
+    images, labels = arrays["train_images"], arrays["train_labels"]
+    n_train = min(train_subset, N_TRAIN) if train_subset > 0 else N_TRAIN
+
+    def put(a: np.ndarray, as_images: bool) -> torch.Tensor:
+        t = to_model_range(a) if as_images else torch.as_tensor(a.astype(np.int64))
+        return t.to(device)
+
+    return MnistSplits(
+        train_x=put(images[:n_train], True), train_y=put(labels[:n_train], False),
+        val_x=put(images[N_TRAIN:], True), val_y=put(labels[N_TRAIN:], False),
+        test_x=put(arrays["test_images"], True), test_y=put(arrays["test_labels"], False),
+    )
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The order of the training images in `epoch`: a permutation that depends only on (seed, epoch).
+
+    Its own generator, so resuming at any epoch reproduces the order exactly, whatever else
+    consumed random numbers before.
+    """
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).to(device)
+
+
+def minibatches(x: torch.Tensor, batch_size: int, seed: int, epoch: int):
+    """Yield the epoch's shuffled minibatches of `x` (drops the last incomplete batch)."""
+    order = epoch_permutation(len(x), seed, epoch, x.device)
+    for start in range(0, len(x) - batch_size + 1, batch_size):
+        yield x[order[start:start + batch_size]]
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters, run directory, device, seeding
+# --------------------------------------------------------------------------------------------
+
+class ParameterError(ValueError):
+    """A notebook parameter has a value it cannot take. The message names it and what is allowed."""
+
+
+def _positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _non_negative_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _positive_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _unit_interval_open(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+
+
+def _is_bool(v):
+    return isinstance(v, bool)
+
+
+def _is_str(v):
+    return isinstance(v, str)
+
+
+# name -> (check, the allowed values in words). The notebook's parameters cell holds the defaults.
+PARAMETER_RULES = {
+    "data_dir": (_is_str, "a directory path (string) that holds or will hold MNIST/raw/"),
+    "run_dir": (_is_str, "a directory path (string), or '' for runs/<date-time>/"),
+    "device": (lambda v: v in ("auto", "cpu", "mps") or (isinstance(v, str) and v.startswith("cuda")),
+               "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    "seed": (_non_negative_int, "an integer >= 0"),
+    "epochs": (_positive_int, "an integer >= 1"),
+    "batch_size": (_positive_int, "an integer >= 1"),
+    "train_subset": (_non_negative_int, "0 (all 50,000 training images) or a positive integer"),
+    "latent_dim": (_positive_int, "an integer >= 1"),
+    "g_batchnorm": (_is_bool, "True or False"),
+    "d_dropout": (_unit_interval_open, "a number in [0, 1)"),
+    "g_loss": (lambda v: v in ("non_saturating", "minimax"), "'non_saturating' or 'minimax'"),
+    "d_steps": (_positive_int, "an integer >= 1"),
+    "label_smoothing": (lambda v: _unit_interval_open(v) and v < 0.5, "a number in [0, 0.5)"),
+    "lr_g": (_positive_number, "a number > 0"),
+    "lr_d": (_positive_number, "a number > 0"),
+    "beta1_g": (_unit_interval_open, "a number in [0, 1)"),
+    "beta1_d": (_unit_interval_open, "a number in [0, 1)"),
+    "beta2_g": (_unit_interval_open, "a number in [0, 1)"),
+    "beta2_d": (_unit_interval_open, "a number in [0, 1)"),
+    "ema_decay": (_unit_interval_open, "a number in [0, 1); 0 turns the EMA off"),
+    "checkpoint_every": (_positive_int, "an integer >= 1 (epochs)"),
+    "resume": (_is_str, "'' or the path of a checkpoint.pt"),
+    "metrics_every": (_non_negative_int, "0 (off) or an integer >= 1 (epochs)"),
+    "metrics_samples": (_positive_int, "an integer >= 1"),
+    "eval_samples": (_non_negative_int, "0 (skip the final evaluation) or an integer >= 1"),
+    "log_every": (_positive_int, "an integer >= 1 (steps)"),
+    "amp": (_is_bool, "True or False"),
+    "compile": (_is_bool, "True or False"),
+}
+
+
+def parameters_from(namespace: dict) -> dict:
+    """Pick the notebook's parameters out of `namespace` (its globals()) as a plain config dict."""
+    missing = [name for name in PARAMETER_RULES if name not in namespace]
+    if missing:
+        raise ParameterError(f"the parameters cell does not define {', '.join(missing)}; "
+                             "restore them from the repository's Vanilla_GAN.ipynb.")
+    return {name: namespace[name] for name in PARAMETER_RULES}
+
+
+def validate_parameters(config: dict) -> None:
+    """Check every parameter before any work; one error lists each bad one and what it may be."""
+    problems = []
+    for name, value in config.items():
+        if name not in PARAMETER_RULES:
+            close = difflib.get_close_matches(name, PARAMETER_RULES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"unknown parameter {name!r}{hint}")
+            continue
+        check, allowed = PARAMETER_RULES[name]
+        if not check(value):
+            problems.append(f"{name} = {value!r} is not allowed: use {allowed}")
+    if config.get("resume") and not Path(config["resume"]).expanduser().is_file():
+        problems.append(f"resume = {config['resume']!r}: no such file; use '' to start afresh or "
+                        "the path of a run's checkpoint.pt")
+    if problems:
+        raise ParameterError("bad parameters:\n  - " + "\n  - ".join(problems))
+
+
+def prepare_run_dir(run_dir: str, root: str = "runs") -> Path:
+    """Create the run directory (default runs/<date-time>/) and check that it is writable."""
+    path = Path(run_dir or Path(root) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")).expanduser()
+    try:
+        (path / "grids").mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ParameterError(f"run_dir = {str(path)!r} is not writable ({exc.strerror}): use a "
+                             "directory you can write to, or '' for runs/<date-time>/") from exc
+    return path
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """'auto' -> cuda if available, then mps, then cpu. A device that is not there is an error."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ParameterError(f"device = {requested!r} but PyTorch sees no CUDA GPU here: use 'auto' or 'cpu'")
+    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ParameterError("device = 'mps' but MPS is not available here: use 'auto' or 'cpu'")
+    return torch.device(requested)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and PyTorch's (all devices') generators."""
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """PyTorch's generator states (CPU and every CUDA device), as tensors a checkpoint can hold."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() returned."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def library_versions() -> dict:
+    """Versions that decide whether a run can be repeated."""
+    import torchvision
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__,
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine()}
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+# --------------------------------------------------------------------------------------------
+# Per-epoch log (metrics.csv)
+# --------------------------------------------------------------------------------------------
+
+def write_metrics_csv(path: str | os.PathLike, history: list[dict]) -> None:
+    """Write the whole per-epoch history as CSV (atomically; columns = union of all keys)."""
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_bytes(Path(path), buffer.getvalue().encode())
+
+
+def read_metrics_csv(path: str | os.PathLike) -> list[dict]:
+    """Read metrics.csv back as a list of dicts of floats."""
+    with open(path, newline="") as f:
+        return [{k: float(v) if v != "" else math.nan for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+class Stopwatch:
+    """Training wall time that survives resumes: time before this session plus time since start()."""
+
+    def __init__(self, elapsed_before: float = 0.0):
+        self.before, self.started = elapsed_before, None
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.started is not None:
+            self.before, self.started = self.elapsed(), None
+
+    def elapsed(self) -> float:
+        return self.before + (time.perf_counter() - self.started if self.started is not None else 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Image grids and animations
+# --------------------------------------------------------------------------------------------
+
+def grid_image(images: torch.Tensor, nrow: int = 8, scale: int = 2) -> Image.Image:
+    """Model-range images (N, 784) or (N, 1, 28, 28) -> one PIL grayscale grid, `nrow` per row."""
+    from torchvision.utils import make_grid
+    x = to_unit_range(images.detach().float().cpu().reshape(-1, 1, 28, 28)).clamp_(0, 1)
+    grid = make_grid(x, nrow=nrow, padding=2, pad_value=1.0)[0]  # one channel suffices: grey digits
+    img = Image.fromarray((grid.numpy() * 255).round().astype(np.uint8), mode="L")
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> Image.Image:
+    """Save a grid of model-range images as a PNG (atomically) and return it."""
+    img = grid_image(images, nrow=nrow)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return img
+
+
+def label_image(img: Image.Image, text: str) -> Image.Image:
+    """Return `img` with a white strip on top carrying `text` (e.g. the epoch of a GIF frame)."""
+    from PIL import ImageDraw
+    out = Image.new("L", (img.width, img.height + 14), 255)
+    out.paste(img, (0, 14))
+    ImageDraw.Draw(out).text((2, 1), text, fill=0)
+    return out
+
+
+def save_gif(frame_paths: list, path: str | os.PathLike, ms_per_frame: int = 200, labels=None) -> int:
+    """Animate PNG frames (in the given order) into a looping GIF; returns the frame count."""
+    if not frame_paths:
+        raise ValueError("save_gif needs at least one frame")
+    frames = [Image.open(p).convert("L") for p in frame_paths]
+    if labels is not None:
+        frames = [label_image(f, t) for f, t in zip(frames, labels)]
+    buffer = io.BytesIO()
+    # The last frame lingers so the final digits can be read before the loop restarts.
+    durations = [ms_per_frame] * (len(frames) - 1) + [max(1500, ms_per_frame)]
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], loop=0,
+                   duration=durations)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return len(frames)
+
+
+def epoch_grid_paths(run_dir: str | os.PathLike) -> list[Path]:
+    """The per-epoch grid PNGs of a run, in epoch order."""
+    return sorted(Path(run_dir, "grids").glob("epoch_*.png"), key=lambda p: int(p.stem.split("_")[1]))
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, steps: int) -> torch.Tensor:
+    """Spherical interpolation from z0 to z1 (1-D tensors) in `steps` points, both ends included.
+
+    Gaussian latents concentrate near a sphere; a straight line between two of them passes through
+    low-norm points the generator rarely saw, so slerp keeps the path on the shell.
+    """
+    t = torch.linspace(0, 1, steps, device=z0.device).unsqueeze(1)
+    cos = torch.dot(z0 / z0.norm(), z1 / z1.norm()).clamp(-1.0, 1.0)
+    omega = torch.arccos(cos)
+    if omega.abs() < 1e-6:  # (nearly) parallel: slerp degenerates to a straight line
+        return (1 - t) * z0 + t * z1
+    return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
+
+
+# --------------------------------------------------------------------------------------------
+# Training helpers
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for parameters; buffers (BatchNorm stats) copied."""
+    ema_params = list(ema_model.parameters())
+    torch._foreach_lerp_(ema_params, list(model.parameters()), 1.0 - decay)
+    for ema_b, b in zip(ema_model.buffers(), model.buffers()):
+        ema_b.copy_(b)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate (for tweaking between runs of the training cell)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class DivergenceError(RuntimeError):
+    """Training produced NaN or inf losses."""
+
+
+def divergence_message(step: int, epoch: int, config: dict, checkpoint: Path) -> str:
+    return (
+        f"Training diverged: a loss became NaN or inf in epoch {epoch + 1} (step {step}). The models "
+        f"were rolled back to the last completed epoch, saved in {checkpoint}. Look at: lr_d "
+        f"(now {config['lr_d']}) and lr_g (now {config['lr_g']}) -- halve them; beta1_d/beta1_g "
+        f"(now {config['beta1_d']}/{config['beta1_g']}); batch_size (now {config['batch_size']}); "
+        f"g_loss (now {config['g_loss']!r}; 'non_saturating' is the stable one). Then resume with "
+        f"resume={str(checkpoint)!r}."
+    )
+
+
+def resume_message(checkpoint: Path, epoch: int) -> str:
+    return (
+        f"Saved {checkpoint} after epoch {epoch}. To continue: in Jupyter, run the training cell "
+        f"again; headless, run papermill with `-p resume {checkpoint}` (and `-p run_dir "
+        f"{checkpoint.parent}` to keep writing into the same run directory)."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and export
+# --------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "vanilla-gan-checkpoint/1"
+# Settings that fix the networks' shapes: a checkpoint made with other values cannot be loaded.
+ARCHITECTURE_KEYS = ("latent_dim", "g_batchnorm")
+
+
+class CheckpointError(RuntimeError):
+    """A file is not a checkpoint of this project, or does not fit the notebook's settings."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one, never half.
+
+    Temporary file in the same directory (same filesystem, so rename is atomic), flush and fsync,
+    rename over the target, then fsync the directory so the rename itself survives a power cut.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename durable
+        dir_fd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> Path:
+    """Save a plain-dict checkpoint atomically, stamped with this project's format tag."""
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load a checkpoint with `weights_only=True` (opening it can never run code from it)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file; check the `resume` parameter.")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, pickle with code in it, not a torch file at all
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint of this project ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Point `resume` at a "
+            "checkpoint.pt written by Vanilla_GAN.ipynb."
+        ) from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this project "
+                              f"(no format tag {CHECKPOINT_FORMAT!r}); point `resume` at a "
+                              "checkpoint.pt written by Vanilla_GAN.ipynb.")
+    return checkpoint
+
+
+def check_checkpoint_fits(checkpoint_config: dict, config: dict, keys=ARCHITECTURE_KEYS) -> None:
+    """Raise CheckpointError listing every architecture setting where checkpoint and notebook differ."""
+    diffs = [f"{k}: checkpoint has {checkpoint_config.get(k)!r}, notebook has {config.get(k)!r}"
+             for k in keys if checkpoint_config.get(k) != config.get(k)]
+    if diffs:
+        raise CheckpointError("the checkpoint does not fit the notebook's settings:\n  - "
+                              + "\n  - ".join(diffs)
+                              + "\nSet these parameters as the checkpoint has them, or start afresh with resume=''.")
+
+
+def export_generator(generator: torch.nn.Module, latent_dim: int, path: str | os.PathLike) -> Path:
+    """Export the generator with torch.export (eval mode, dynamic batch) to a .pt2 file.
+
+    Load it anywhere with `torch.export.load(path).module()`: noise (N, latent_dim) -> images
+    (N, 1, 28, 28) in [-1, 1].
+    """
+    import copy
+    model = copy.deepcopy(generator).cpu().eval()
+    example = torch.randn(4, latent_dim)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the notebook's own code (so benchmarks and tests use the same networks)
+# --------------------------------------------------------------------------------------------
+
+def notebook_cells_source(notebook: str | os.PathLike, tag: str) -> str:
+    """The source of the notebook's code cells carrying `tag`, joined in order."""
+    nb = json.loads(Path(notebook).read_text())
+    sources = ["".join(c["source"]) for c in nb["cells"]
+               if c["cell_type"] == "code" and tag in c.get("metadata", {}).get("tags", [])]
+    if not sources:
+        raise ValueError(f"{notebook} has no code cell tagged {tag!r}")
+    return "\n\n".join(sources)
+
+
+def load_notebook_definitions(notebook: str | os.PathLike, tag: str = "gan-core") -> dict:
+    """Execute the notebook's cells tagged `tag` (class and function definitions only) in a fresh
+    namespace and return it: the networks and losses exactly as the notebook defines them."""
+    namespace = {"__name__": "vanilla_gan_notebook"}
+    exec(compile(notebook_cells_source(notebook, tag), str(notebook), "exec"), namespace)
+    return namespace
+
+
+def stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
