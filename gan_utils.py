@@ -644,7 +644,8 @@ def export_generator(generator: torch.nn.Module, latent_dim: int, path: str | os
     (N, 1, 28, 28) in [-1, 1].
     """
     import copy
-    model = copy.deepcopy(generator).cpu().eval()
+    # Flat 784 pixels -> (N, 1, 28, 28), the image layout other tools expect.
+    model = torch.nn.Sequential(copy.deepcopy(generator), torch.nn.Unflatten(1, (1, 28, 28))).cpu().eval()
     example = torch.randn(4, latent_dim)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
@@ -670,8 +671,10 @@ def notebook_cells_source(notebook: str | os.PathLike, tag: str) -> str:
 
 def load_notebook_definitions(notebook: str | os.PathLike, tag: str = "gan-core") -> dict:
     """Execute the notebook's cells tagged `tag` (class and function definitions only) in a fresh
-    namespace and return it: the networks and losses exactly as the notebook defines them."""
-    namespace = {"__name__": "vanilla_gan_notebook"}
+    namespace and return it: the networks and losses exactly as the notebook defines them. The cells
+    see torch, nn and F imported as the notebook's first cell imports them."""
+    import torch.nn.functional as F
+    namespace = {"__name__": "vanilla_gan_notebook", "torch": torch, "nn": torch.nn, "F": F}
     exec(compile(notebook_cells_source(notebook, tag), str(notebook), "exec"), namespace)
     return namespace
 

@@ -1,0 +1,28 @@
+# Two entry points, each doing its own set-up on a fresh machine:
+#   make run    trains with the default hyperparameters, headless, into runs/<date-time>/
+#   make test   runs the test suite
+# Point GAN_DATA_DIR at a directory holding MNIST/raw/ to skip the download into data/.
+
+VENV ?= .venv
+PYTHON ?= python3
+RUN_DIR ?= runs/$(shell date +%Y-%m-%d_%H-%M-%S)
+PARAMS ?=
+
+.PHONY: run test clean-venv
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+run: $(VENV)/.installed
+	mkdir -p $(RUN_DIR)
+	$(VENV)/bin/papermill Vanilla_GAN.ipynb $(RUN_DIR)/Vanilla_GAN.ipynb -k python3 --log-output \
+		-p run_dir $(RUN_DIR) $(PARAMS)
+	@echo "Done: results in $(RUN_DIR)/ (executed notebook: $(RUN_DIR)/Vanilla_GAN.ipynb)"
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)
