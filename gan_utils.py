@@ -410,6 +410,13 @@ def library_versions() -> dict:
             "platform": platform.platform(), "processor": platform.processor() or platform.machine()}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=str) + "\n").encode())
@@ -529,6 +536,15 @@ def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float)
     torch._foreach_lerp_(ema_params, list(model.parameters()), 1.0 - decay)
     for ema_b, b in zip(ema_model.buffers(), model.buffers()):
         ema_b.copy_(b)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """The EMA decay to use after `step` generator steps: ramps up from 0.1 towards `decay`.
+
+    With a fixed 0.999 the average would still carry the random initial weights for thousands of
+    steps; the warm-up (as in common EMA implementations) lets it follow G closely at first.
+    """
+    return min(decay, (1 + step) / (10 + step))
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -1,0 +1,207 @@
+"""How fast does the notebook train, against a naive pipeline and against this machine's own limit?
+
+Measures, in one process on one machine:
+  (a) the notebook's training step (its own `train_step`, networks and default batch size, read from
+      Vanilla_GAN.ipynb: no second copy that can drift), on the dataset held as one tensor;
+  (b) a naive reference pipeline, written the way typical GAN repos train: torchvision's MNIST
+      Dataset with ToTensor + Normalize, a shuffling DataLoader, Sigmoid + BCELoss, a fresh noise
+      batch (second G forward) for the generator step, default Adam, `.item()` every step;
+  (c) the fp32 matrix-multiply peak (GFLOP/s) of this machine, measured on the spot.
+It prints images/s for (a) and (b), their ratio, (a)'s FLOP rate as a share of (c) and peak memory,
+and writes the figures as JSON.
+
+    python benchmark.py --data-dir /path/to/data            # CPU, the notebook's default batch size
+    python benchmark.py --device cuda --amp --compile       # the GPU switches
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import gan_utils as gu
+
+NOTEBOOK = Path(__file__).with_name("Vanilla_GAN.ipynb")
+
+
+def notebook_defaults(notebook: Path = NOTEBOOK) -> dict:
+    """The default hyperparameters: the notebook's `parameters` cell, executed on its own."""
+    namespace = {"os": os}
+    exec(gu.notebook_cells_source(notebook, "parameters"), namespace)
+    return {k: v for k, v in namespace.items() if k in gu.PARAMETER_RULES}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(device: torch.device, sizes=(1024, 2048, 3072), seconds: float = 1.0) -> float:
+    """Best fp32 GFLOP/s of square matmuls: the machine's practical ceiling for this workload."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        for _ in range(3):  # warm-up: thread pools, caches, kernel selection
+            a @ b
+        synchronize(device)
+        reps, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            a @ b
+            reps += 1
+        synchronize(device)
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def build_models(nb: dict, cfg: dict, device: torch.device):
+    torch.manual_seed(cfg["seed"])
+    G = nb["Generator"](cfg["latent_dim"], cfg["g_batchnorm"]).to(device)
+    D = nb["Discriminator"](cfg["d_dropout"]).to(device)
+    return G, D
+
+
+def time_notebook_step(nb: dict, cfg: dict, train_x: torch.Tensor, seconds: float, amp: bool,
+                       compile_models: bool) -> dict:
+    """(a): the notebook's train_step over its minibatches, as the training cell runs it."""
+    device = train_x.device
+    G, D = build_models(nb, cfg, device)
+    kernel = {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}  # as the notebook
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg["lr_g"], betas=(cfg["beta1_g"], cfg["beta2_g"]), **kernel)
+    opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], betas=(cfg["beta1_d"], cfg["beta2_d"]), **kernel)
+    G_ema = copy.deepcopy(G).requires_grad_(False)
+    G_run, D_run = (torch.compile(G), torch.compile(D)) if compile_models else (G, D)
+    amp_dtype = torch.bfloat16 if amp else None
+    bs = cfg["batch_size"]
+
+    def step(real):
+        stats = nb["train_step"](G_run, D_run, opt_G, opt_D, real, cfg["latent_dim"], cfg["g_loss"],
+                                 1.0 - cfg["label_smoothing"], amp_dtype=amp_dtype)
+        if cfg["ema_decay"] > 0:  # the training cell updates the EMA after every G step
+            gu.update_ema(G_ema, G, cfg["ema_decay"])
+        return stats
+
+    real = train_x[:bs]
+    with FlopCounterMode(display=False) as counter:  # counts the matmuls of one step, forward and backward
+        step(real)
+    flops_per_step = counter.get_total_flops()
+    for _ in range(5):  # warm-up (and compile, if on)
+        step(real)
+    synchronize(device)
+    images, epoch, started = 0, 0, time.perf_counter()
+    sums = torch.zeros(5, device=device)
+    while time.perf_counter() - started < seconds:
+        for real in gu.minibatches(train_x, bs, cfg["seed"], epoch):
+            sums += step(real)
+            images += bs
+            if images % (bs * cfg["log_every"]) == 0 and time.perf_counter() - started >= seconds:
+                break
+        epoch += 1
+    sums.tolist()  # the host sync the training cell makes every log_every steps
+    elapsed = time.perf_counter() - started
+    return {"images_per_s": images / elapsed, "seconds": elapsed, "images": images,
+            "flops_per_image": flops_per_step / bs, "gflops": flops_per_step / bs * images / elapsed / 1e9}
+
+
+def time_naive_pipeline(nb: dict, cfg: dict, data_dir: str, device: torch.device, seconds: float,
+                        num_workers: int) -> dict:
+    """(b): the typical pipeline, same networks and batch size, for comparison."""
+    from torchvision import datasets, transforms
+
+    dataset = datasets.MNIST(data_dir, train=True, download=False, transform=transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=True,
+                                         drop_last=True, num_workers=num_workers)
+    G, D = build_models(nb, cfg, device)
+    D = nn.Sequential(D, nn.Sigmoid())  # probabilities + BCELoss, as most repos do
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg["lr_g"], betas=(cfg["beta1_g"], cfg["beta2_g"]))
+    opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], betas=(cfg["beta1_d"], cfg["beta2_d"]))
+    bce = nn.BCELoss()
+    latent = cfg["latent_dim"]
+    images, started, done = 0, time.perf_counter(), False
+    while not done:
+        for real, _ in loader:
+            real = real.view(len(real), -1).to(device)
+            ones, zeros = torch.ones(len(real), device=device), torch.zeros(len(real), device=device)
+            fake = G(torch.randn(len(real), latent, device=device))
+            loss_d = bce(D(real), ones) + bce(D(fake.detach()), zeros)
+            opt_D.zero_grad()
+            loss_d.backward()
+            opt_D.step()
+            loss_g = bce(D(G(torch.randn(len(real), latent, device=device))), ones)  # fresh noise
+            opt_G.zero_grad()
+            loss_g.backward()
+            opt_G.step()
+            loss_d.item(), loss_g.item()  # logged every step, a host sync each time
+            images += len(real)
+            if time.perf_counter() - started >= seconds:
+                done = True
+                break
+    elapsed = time.perf_counter() - started
+    return {"images_per_s": images / elapsed, "seconds": elapsed, "images": images,
+            "num_workers": num_workers}
+
+
+def peak_memory_mb(device: torch.device) -> dict:
+    out = {"peak_rss_mb": gu.peak_rss_mb()}
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=os.environ.get(gu.DATA_DIR_ENV, "data"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the notebook's")
+    parser.add_argument("--seconds", type=float, default=20.0, help="timing window per pipeline")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of the naive pipeline")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast in (a)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the networks in (a)")
+    parser.add_argument("--out", default="runs/benchmark.json")
+    args = parser.parse_args(argv)
+
+    cfg = notebook_defaults()
+    if args.batch_size:
+        cfg["batch_size"] = args.batch_size
+    device = gu.pick_device(args.device)
+    nb = gu.load_notebook_definitions(NOTEBOOK)
+    data = gu.load_mnist(args.data_dir, device=device, download=True)
+
+    peak = matmul_peak_gflops(device)
+    ours = time_notebook_step(nb, cfg, data.train_x, args.seconds, args.amp, args.compile)
+    naive = time_naive_pipeline(nb, cfg, args.data_dir, device, args.seconds, args.num_workers)
+    result = {
+        "device": str(device), "threads": torch.get_num_threads(), "batch_size": cfg["batch_size"],
+        "amp": args.amp, "compile": args.compile, "matmul_peak_gflops": peak,
+        "notebook_step": ours, "naive_pipeline": naive,
+        "speedup_vs_naive": ours["images_per_s"] / naive["images_per_s"],
+        "share_of_matmul_peak": ours["gflops"] / peak,
+        "epoch_seconds_50k": 50000 / ours["images_per_s"],
+        **peak_memory_mb(device), "versions": gu.library_versions(),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    gu.write_json(args.out, result)
+    print(f"device {device}, {torch.get_num_threads()} threads, batch size {cfg['batch_size']}"
+          f"{', amp' if args.amp else ''}{', compile' if args.compile else ''}\n"
+          f"  matmul peak (fp32)        {peak:8.1f} GFLOP/s\n"
+          f"  (a) notebook step         {ours['images_per_s']:8.0f} images/s  "
+          f"({ours['gflops']:.1f} GFLOP/s = {result['share_of_matmul_peak']:.0%} of peak, "
+          f"{ours['flops_per_image'] / 1e6:.1f} MFLOP/image, one epoch of 50,000 in {result['epoch_seconds_50k']:.1f} s)\n"
+          f"  (b) naive pipeline        {naive['images_per_s']:8.0f} images/s  (DataLoader, {args.num_workers} workers)\n"
+          f"  speed-up (a)/(b)          {result['speedup_vs_naive']:8.2f}x\n"
+          f"  peak memory (RSS)         {result['peak_rss_mb']:8.0f} MB\n"
+          f"  written to {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
