@@ -1,0 +1,673 @@
+"""gan_utils without the data: parameters, run directory, device, seeding, checkpoints, atomic writes,
+grids and GIFs, latent walks, EMA, export, the metrics log, and the notebook's own networks/losses."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import gan_utils as gu
+from conftest import NOTEBOOK
+
+
+@pytest.fixture(scope="module")
+def defaults() -> dict:
+    """The notebook's default parameters, read from its `parameters` cell."""
+    namespace = {"os": os}
+    exec(gu.notebook_cells_source(NOTEBOOK, "parameters"), namespace)
+    return gu.parameters_from(namespace)
+
+
+@pytest.fixture(scope="module")
+def nb():
+    """The notebook's networks and losses (cells tagged gan-core)."""
+    return gu.load_notebook_definitions(NOTEBOOK)
+
+
+def bad(defaults, **changes):
+    """The ParameterError message for the defaults with `changes`."""
+    with pytest.raises(gu.ParameterError) as info:
+        gu.validate_parameters({**defaults, **changes})
+    return str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters
+# ------------------------------------------------------------------------------------------------
+
+def test_defaults_are_valid(defaults):
+    assert set(defaults) == set(gu.PARAMETER_RULES)
+    gu.validate_parameters(defaults)  # no exception
+
+
+def test_parameters_from_names_a_missing_parameter(defaults):
+    namespace = dict(defaults)
+    del namespace["lr_d"]
+    with pytest.raises(gu.ParameterError, match="lr_d"):
+        gu.parameters_from(namespace)
+
+
+@pytest.mark.parametrize("name, value, allowed", [
+    ("lr_g", -1.0, "a number > 0"),
+    ("lr_g", 0.0, "a number > 0"),
+    ("lr_d", 0, "a number > 0"),
+    ("lr_d", float("nan"), "a number > 0"),
+    ("lr_d", float("inf"), "a number > 0"),
+    ("batch_size", 0, "an integer >= 1"),
+    ("batch_size", -64, "an integer >= 1"),
+    ("batch_size", True, "an integer >= 1"),      # bool is an int in Python: must still be refused
+    ("batch_size", 64.0, "an integer >= 1"),
+    ("epochs", 0, "an integer >= 1"),
+    ("epochs", False, "an integer >= 1"),
+    ("train_subset", -1, "0 (all 50,000 training images) or a positive integer"),
+    ("seed", -3, "an integer >= 0"),
+    ("g_loss", "hinge", "'non_saturating' or 'minimax'"),
+    ("g_batchnorm", 1, "True or False"),
+    ("d_dropout", 1.0, "a number in [0, 1)"),
+    ("label_smoothing", 0.5, "a number in [0, 0.5)"),
+    ("beta1_g", 1.0, "a number in [0, 1)"),
+    ("ema_decay", -0.1, "a number in [0, 1)"),
+    ("device", "tpu", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    ("data_dir", None, "a directory path"),
+    ("checkpoint_every", 0, "an integer >= 1"),
+])
+def test_bad_parameter_is_named_with_allowed_values(defaults, name, value, allowed):
+    msg = bad(defaults, **{name: value})
+    assert f"{name} = {value!r}" in msg
+    assert allowed in msg
+
+
+def test_every_bad_parameter_is_listed_at_once(defaults):
+    msg = bad(defaults, lr_g=-1.0, batch_size=0, g_loss="wasserstein")
+    assert "lr_g = -1.0" in msg and "batch_size = 0" in msg and "g_loss = 'wasserstein'" in msg
+
+
+@pytest.mark.parametrize("typo, meant", [("lr_gg", "lr_g"), ("epoch", "epochs"), ("batchsize", "batch_size")])
+def test_unknown_parameter_did_you_mean(defaults, typo, meant):
+    msg = bad(defaults, **{typo: 1})
+    assert f"unknown parameter {typo!r}" in msg
+    assert f"did you mean {meant!r}" in msg
+
+
+def test_unknown_parameter_without_close_match(defaults):
+    msg = bad(defaults, zzzzzz=1)
+    assert "unknown parameter 'zzzzzz'" in msg and "did you mean" not in msg
+
+
+def test_missing_resume_file(defaults, tmp_path):
+    missing = tmp_path / "no_such_run" / "checkpoint.pt"
+    msg = bad(defaults, resume=str(missing))
+    assert "resume" in msg and str(missing) in msg and "no such file" in msg
+
+
+def test_existing_resume_file_passes(defaults, tmp_path):
+    path = gu.save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1})
+    gu.validate_parameters({**defaults, "resume": str(path)})
+
+
+# ------------------------------------------------------------------------------------------------
+# Run directory and device
+# ------------------------------------------------------------------------------------------------
+
+def test_prepare_run_dir_creates_grids(tmp_path):
+    path = gu.prepare_run_dir(str(tmp_path / "a" / "b"))
+    assert path == tmp_path / "a" / "b"
+    assert (path / "grids").is_dir()
+    assert list(path.iterdir()) == [path / "grids"]  # the writability probe leaves nothing
+
+
+def test_prepare_run_dir_default_is_dated(tmp_path):
+    path = gu.prepare_run_dir("", root=str(tmp_path / "runs"))
+    assert path.parent == tmp_path / "runs" and (path / "grids").is_dir()
+    assert len(path.name) == len("2024-01-01_00-00-00")
+
+
+def test_prepare_run_dir_unwritable(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a regular file, so nothing can be created below it (even as root)")
+    target = blocker / "run"
+    with pytest.raises(gu.ParameterError) as info:
+        gu.prepare_run_dir(str(target))
+    assert "run_dir" in str(info.value) and str(target) in str(info.value)
+
+
+def test_pick_device_cpu():
+    assert gu.pick_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("requested", ["cuda", "cuda:1"])
+def test_pick_device_cuda_without_gpu(monkeypatch, requested):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(gu.ParameterError) as info:
+        gu.pick_device(requested)
+    assert requested in str(info.value) and "'cpu'" in str(info.value)
+
+
+def test_pick_device_auto_without_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert gu.pick_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_pick_device_cuda_really_absent():
+    with pytest.raises(gu.ParameterError):
+        gu.pick_device("cuda")
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeding
+# ------------------------------------------------------------------------------------------------
+
+def test_seed_everything_repeats():
+    draws = []
+    for _ in range(2):
+        gu.seed_everything(42)
+        draws.append((torch.randn(5), np.random.rand(3), random.random()))
+    assert torch.equal(draws[0][0], draws[1][0])
+    assert np.array_equal(draws[0][1], draws[1][1])
+    assert draws[0][2] == draws[1][2]
+    gu.seed_everything(43)
+    assert not torch.equal(torch.randn(5), draws[0][0])
+
+
+def test_rng_state_round_trip(tmp_path):
+    torch.manual_seed(5)
+    state = gu.rng_state()
+    a = torch.randn(10)
+    torch.randn(100)  # move on
+    gu.set_rng_state(state)
+    assert torch.equal(torch.randn(10), a)
+    # and through a checkpoint file
+    gu.save_checkpoint(tmp_path / "c.pt", {"rng": state})
+    torch.randn(7)
+    gu.set_rng_state(gu.load_checkpoint(tmp_path / "c.pt")["rng"])
+    assert torch.equal(torch.randn(10), a)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+def sample_checkpoint():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    return {
+        "config": {"latent_dim": 100, "g_batchnorm": True, "lr_g": 2e-4, "g_loss": "non_saturating",
+                   "resume": ""},
+        "epoch": 3,
+        "G": model.state_dict(),
+        "opt_G": opt.state_dict(),
+        "fixed_noise": torch.randn(64, 100),
+        "rng": gu.rng_state(),
+        "nested": {"a": {"b": [torch.arange(3), 1.5, None, "text"]}},
+        "history": [{"epoch": 1, "d_loss": 1.2, "g_loss": 0.8}, {"epoch": 2, "d_loss": 1.1, "g_loss": float("nan")}],
+    }
+
+
+def assert_same(a, b, where="checkpoint"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), where
+    else:
+        assert a == b, where
+
+
+def test_checkpoint_round_trip(tmp_path):
+    original = sample_checkpoint()
+    path = gu.save_checkpoint(tmp_path / "checkpoint.pt", copy.deepcopy(original))
+    assert path == tmp_path / "checkpoint.pt"
+    loaded = gu.load_checkpoint(path)
+    assert loaded["format"] == gu.CHECKPOINT_FORMAT
+    del loaded["format"]
+    assert_same(original, loaded)
+    # it really is weights_only-loadable, without gan_utils
+    assert torch.load(path, weights_only=True)["epoch"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
+
+
+def test_checkpoint_state_dicts_load_into_modules(tmp_path):
+    original = sample_checkpoint()
+    gu.save_checkpoint(tmp_path / "c.pt", original)
+    loaded = gu.load_checkpoint(tmp_path / "c.pt")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    model.load_state_dict(loaded["G"])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt.load_state_dict(loaded["opt_G"])
+    assert opt.state_dict()["state"][0]["step"].item() == 1
+
+
+def test_load_checkpoint_missing_file(tmp_path):
+    with pytest.raises(gu.CheckpointError, match="no such checkpoint"):
+        gu.load_checkpoint(tmp_path / "nothing.pt")
+
+
+def test_load_checkpoint_not_a_torch_file(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("this is not a checkpoint\n")
+    with pytest.raises(gu.CheckpointError) as info:
+        gu.load_checkpoint(path)
+    assert str(path) in str(info.value) and "not a readable checkpoint" in str(info.value)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 0.99])
+def test_load_checkpoint_truncated(tmp_path, fraction):
+    path = gu.save_checkpoint(tmp_path / "checkpoint.pt", sample_checkpoint())
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(gu.CheckpointError) as info:
+        gu.load_checkpoint(path)
+    assert str(path) in str(info.value) and "checkpoint" in str(info.value)
+
+
+def test_load_checkpoint_without_format_tag(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"epoch": 3, "G": {}}, path)
+    with pytest.raises(gu.CheckpointError) as info:
+        gu.load_checkpoint(path)
+    assert "format tag" in str(info.value) and gu.CHECKPOINT_FORMAT in str(info.value)
+    torch.save(torch.zeros(3), path)  # not even a dict
+    with pytest.raises(gu.CheckpointError, match="format tag"):
+        gu.load_checkpoint(path)
+
+
+class RunsCode:
+    """Unpickling this calls os.system: the classic malicious pickle."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_load_checkpoint_never_runs_code(tmp_path, how):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoint.pt"
+    payload = {"format": gu.CHECKPOINT_FORMAT, "epoch": 1, "G": RunsCode(marker)}
+    if how == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(gu.CheckpointError) as info:
+        gu.load_checkpoint(path)
+    assert not marker.exists(), "loading the checkpoint ran code from it"
+    assert str(path) in str(info.value)
+    # control: the payload is live (an unrestricted unpickler does run it), so the check above means something
+    if how == "pickle":
+        pickle.loads(path.read_bytes())
+        assert marker.exists()
+
+
+def test_check_checkpoint_fits_lists_every_difference():
+    saved = {"latent_dim": 100, "g_batchnorm": True, "lr_g": 2e-4}
+    gu.check_checkpoint_fits(saved, {"latent_dim": 100, "g_batchnorm": True, "lr_g": 1e-3})  # lr may change
+    with pytest.raises(gu.CheckpointError) as info:
+        gu.check_checkpoint_fits(saved, {"latent_dim": 64, "g_batchnorm": False, "lr_g": 2e-4})
+    msg = str(info.value)
+    assert "latent_dim: checkpoint has 100, notebook has 64" in msg
+    assert "g_batchnorm: checkpoint has True, notebook has False" in msg
+    assert "lr_g" not in msg
+
+
+# ------------------------------------------------------------------------------------------------
+# Atomic writes
+# ------------------------------------------------------------------------------------------------
+
+def fail(exc):
+    def raiser(*args, **kwargs):
+        raise exc
+    return raiser
+
+
+@pytest.mark.parametrize("where, exc", [
+    ("replace", OSError(28, "No space left on device")),
+    ("fsync", OSError(5, "Input/output error")),
+    ("fsync", KeyboardInterrupt()),
+])
+def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch, where, exc):
+    path = tmp_path / "metrics.csv"
+    gu.atomic_write_bytes(path, b"old contents\n")
+    monkeypatch.setattr(gu.os, where, fail(exc))
+    with pytest.raises(type(exc)):
+        gu.atomic_write_bytes(path, b"new contents that never land\n")
+    monkeypatch.undo()
+    assert path.read_bytes() == b"old contents\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no .tmp left behind
+
+
+def test_save_checkpoint_failure_keeps_old_checkpoint(tmp_path, monkeypatch):
+    path = gu.save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1, "w": torch.ones(3)})
+    monkeypatch.setattr(gu.os, "replace", fail(OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        gu.save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    loaded = gu.load_checkpoint(path)
+    assert loaded["epoch"] == 1 and torch.equal(loaded["w"], torch.ones(3))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_atomic_write_replaces_content(tmp_path):
+    path = tmp_path / "f.json"
+    gu.write_json(path, {"a": 1})
+    gu.write_json(path, {"a": 2, "p": Path("/x")})
+    import json
+    assert json.loads(path.read_text()) == {"a": 2, "p": "/x"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Grids, GIFs, latent walks
+# ------------------------------------------------------------------------------------------------
+
+def test_grid_image_size():
+    img = gu.grid_image(torch.zeros(64, 784))  # 8 per row, 2 px padding, scale 2
+    assert img.mode == "L"
+    assert img.size == ((8 * 30 + 2) * 2, (8 * 30 + 2) * 2)
+    assert gu.grid_image(torch.zeros(64, 1, 28, 28), scale=1).size == (242, 242)
+    assert gu.grid_image(torch.zeros(20, 784), nrow=10, scale=1).size == (302, 62)
+
+
+def test_grid_image_pixel_values():
+    x = torch.stack([torch.full((784,), -1.0), torch.full((784,), 1.0)])
+    img = gu.grid_image(x, nrow=2, scale=1)
+    assert img.getpixel((2 + 14, 2 + 14)) == 0       # -1 -> black
+    assert img.getpixel((32 + 14, 2 + 14)) == 255    # +1 -> white
+    assert img.getpixel((0, 0)) == 255               # white padding
+
+
+def test_save_grid_writes_png(tmp_path):
+    path = tmp_path / "grid.png"
+    returned = gu.save_grid(torch.rand(64, 784) * 2 - 1, path)
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        assert img.size == (484, 484)
+        assert np.array_equal(np.asarray(img.convert("L")), np.asarray(returned))
+
+
+@pytest.fixture
+def three_frames(tmp_path):
+    paths = []
+    for k, value in enumerate([-1.0, 0.0, 1.0]):  # black, grey, white digits
+        paths.append(tmp_path / f"epoch_{k + 1:03d}.png")
+        gu.save_grid(torch.full((64, 784), value), paths[-1])
+    return paths
+
+
+def gif_frames(path):
+    with Image.open(path) as img:
+        frames = []
+        for k in range(img.n_frames):
+            img.seek(k)
+            frames.append((img.convert("L").getpixel((30, 30)), img.info.get("duration")))
+        return img.n_frames, frames
+
+
+def test_save_gif_frames_in_order(tmp_path, three_frames):
+    assert gu.save_gif(three_frames, tmp_path / "a.gif") == 3
+    n, frames = gif_frames(tmp_path / "a.gif")
+    assert n == 3
+    assert [v for v, _ in frames] == [0, 128, 255]
+    assert frames[-1][1] >= 1500 and frames[0][1] == 200  # the last frame lingers
+    gu.save_gif(three_frames[::-1], tmp_path / "b.gif")
+    assert [v for v, _ in gif_frames(tmp_path / "b.gif")[1]] == [255, 128, 0]
+
+
+def test_save_gif_with_labels(tmp_path, three_frames):
+    assert gu.save_gif(three_frames, tmp_path / "l.gif", labels=["epoch 1", "epoch 2", "epoch 3"]) == 3
+    with Image.open(tmp_path / "l.gif") as img:
+        assert img.n_frames == 3 and img.size == (484, 484 + 14)
+
+
+def test_save_gif_needs_frames(tmp_path):
+    with pytest.raises(ValueError):
+        gu.save_gif([], tmp_path / "x.gif")
+    assert not (tmp_path / "x.gif").exists()
+
+
+def test_epoch_grid_paths_numeric_order(tmp_path):
+    (tmp_path / "grids").mkdir()
+    for e in (10, 2, 1, 100):
+        (tmp_path / "grids" / f"epoch_{e:03d}.png").write_bytes(b"")
+    assert [p.name for p in gu.epoch_grid_paths(tmp_path)] == ["epoch_001.png", "epoch_002.png",
+                                                               "epoch_010.png", "epoch_100.png"]
+
+
+def test_slerp_endpoints_and_norms():
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(100, generator=g), 1.3 * torch.randn(100, generator=g)
+    path = gu.slerp(z0, z1, 9)
+    assert path.shape == (9, 100)
+    assert torch.allclose(path[0], z0, atol=1e-5) and torch.allclose(path[-1], z1, atol=1e-5)
+    norms = path.norm(dim=1)
+    lo, hi = min(z0.norm(), z1.norm()), max(z0.norm(), z1.norm())
+    assert ((norms >= lo - 1e-4) & (norms <= hi + 1e-4)).all()
+    # unlike a straight line, which dips towards the origin between two near-orthogonal vectors
+    assert norms[4] > ((z0 + z1) / 2).norm() * 1.2
+
+
+def test_slerp_parallel_vectors():
+    z = torch.randn(10)
+    path = gu.slerp(z, 2 * z, 5)
+    assert torch.isfinite(path).all()
+    assert torch.allclose(path[0], z) and torch.allclose(path[-1], 2 * z)
+
+
+# ------------------------------------------------------------------------------------------------
+# EMA, learning rate, messages, stopwatch
+# ------------------------------------------------------------------------------------------------
+
+def test_update_ema_math():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.fill_(0.0)
+        for p in model.parameters():
+            p.fill_(1.0)
+        model[1].running_mean.fill_(7.0)
+    gu.update_ema(ema, model, decay=0.9)
+    for p in ema.parameters():
+        assert torch.allclose(p, torch.full_like(p, 0.1))
+    gu.update_ema(ema, model, decay=0.9)
+    for p in ema.parameters():
+        assert torch.allclose(p, torch.full_like(p, 0.19))
+    assert ema[1].running_mean.item() == 7.0  # buffers are copied, not averaged
+    for p in model.parameters():
+        assert torch.equal(p, torch.ones_like(p))  # the source is untouched
+
+
+def test_set_learning_rate():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam([{"params": [model.weight]}, {"params": [model.bias], "lr": 5.0}], lr=1.0)
+    gu.set_learning_rate(opt, 0.01)
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.01]
+
+
+def test_divergence_and_resume_messages():
+    config = {"lr_d": 0.5, "lr_g": 0.25, "beta1_d": 0.5, "beta1_g": 0.5, "batch_size": 64, "g_loss": "minimax"}
+    msg = gu.divergence_message(7, 2, config, Path("/runs/x/checkpoint.pt"))
+    assert "lr_d" in msg and "0.5" in msg and "lr_g" in msg and "0.25" in msg
+    assert "epoch 3" in msg and "/runs/x/checkpoint.pt" in msg and "resume" in msg
+    msg = gu.resume_message(Path("/runs/x/checkpoint.pt"), 4)
+    assert "resume" in msg and "/runs/x/checkpoint.pt" in msg and "epoch 4" in msg
+
+
+def test_stopwatch_accumulates():
+    clock = gu.Stopwatch(10.0)
+    assert clock.elapsed() == 10.0
+    clock.start()
+    clock.stop()
+    first = clock.elapsed()
+    assert first >= 10.0
+    assert clock.elapsed() == first  # stopped: does not advance
+
+
+# ------------------------------------------------------------------------------------------------
+# Export
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_export_generator(tmp_path, nb, batchnorm):
+    torch.manual_seed(0)
+    G = nb["Generator"](100, batchnorm)
+    G.train()(torch.randn(32, 100))  # move BatchNorm's running statistics off their initial values
+    path = gu.export_generator(G, 100, tmp_path / "generator.pt2")
+    assert path.is_file() and G.training  # exported a copy: the model itself stays in train mode
+    exported = torch.export.load(str(path)).module()
+    for n in (1, 7):
+        z = torch.randn(n, 100)
+        out = exported(z)
+        assert out.shape == (n, 1, 28, 28)
+        assert out.min() >= -1 and out.max() <= 1
+        with torch.no_grad():
+            assert torch.allclose(out.reshape(n, 784), G.eval()(z), atol=1e-5)
+        G.train()
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics log
+# ------------------------------------------------------------------------------------------------
+
+def test_metrics_csv_round_trip(tmp_path):
+    history = [{"epoch": 1, "d_loss": 1.25, "g_loss": 0.5, "train_seconds": 3.0},
+               {"epoch": 2, "d_loss": 1.0, "g_loss": 0.75, "train_seconds": 6.5, "fd": 12.5}]
+    path = tmp_path / "metrics.csv"
+    gu.write_metrics_csv(path, history)
+    assert path.read_text().splitlines()[0] == "epoch,d_loss,g_loss,train_seconds,fd"
+    rows = gu.read_metrics_csv(path)
+    assert len(rows) == 2
+    assert rows[1] == {"epoch": 2.0, "d_loss": 1.0, "g_loss": 0.75, "train_seconds": 6.5, "fd": 12.5}
+    assert math.isnan(rows[0]["fd"])
+    assert {k: v for k, v in rows[0].items() if k != "fd"} == history[0]
+    # floats survive exactly (repr round trip)
+    gu.write_metrics_csv(path, [{"x": 0.1 + 0.2, "y": 1 / 3}])
+    assert gu.read_metrics_csv(path) == [{"x": 0.1 + 0.2, "y": 1 / 3}]
+
+
+# ------------------------------------------------------------------------------------------------
+# The notebook's networks and losses
+# ------------------------------------------------------------------------------------------------
+
+def test_notebook_definitions_present(nb):
+    for name in ("Generator", "Discriminator", "discriminator_loss", "generator_loss", "train_step"):
+        assert name in nb, name
+
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_generator_shapes(nb, batchnorm):
+    torch.manual_seed(0)
+    G = nb["Generator"](100, batchnorm)
+    for mode in ("train", "eval"):
+        getattr(G, mode)()
+        with torch.no_grad():
+            out = G(torch.randn(6, 100))
+        assert out.shape == (6, 784)
+        assert out.min() >= -1 and out.max() <= 1
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in G.modules()) == batchnorm
+    assert nb["Generator"](16, batchnorm)(torch.randn(3, 16)).shape == (3, 784)
+
+
+def test_discriminator_shapes(nb):
+    torch.manual_seed(0)
+    D = nb["Discriminator"](0.3).eval()
+    with torch.no_grad():
+        logits = D(torch.rand(6, 784) * 2 - 1)
+        assert logits.shape == (6,)
+        assert torch.equal(D(torch.zeros(6, 1, 28, 28)), D(torch.zeros(6, 784)))  # images are flattened
+    assert (logits.abs() > 0).all()  # raw logits, not probabilities clamped to [0, 1] by a sigmoid
+
+
+def make_models(nb, batchnorm=True, seed=0):
+    torch.manual_seed(seed)
+    G, D = nb["Generator"](100, batchnorm), nb["Discriminator"](0.3)
+    opt_G = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_D = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    return G, D, opt_G, opt_D
+
+
+def weights(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def changed(before, module):
+    return [not torch.equal(b, p) for b, p in zip(before, module.parameters())]
+
+
+@pytest.mark.parametrize("g_loss", ["non_saturating", "minimax"])
+def test_train_step_updates_both(nb, g_loss):
+    G, D, opt_G, opt_D = make_models(nb)
+    g0, d0 = weights(G), weights(D)
+    real = torch.rand(32, 784) * 2 - 1
+    out = nb["train_step"](G, D, opt_G, opt_D, real, 100, g_loss)
+    assert out.shape == (5,) and torch.isfinite(out).all()
+    loss_d, d_x, d_gz, loss_g, g_updated = out.tolist()
+    assert loss_d > 0 and 0 < d_x < 1 and 0 < d_gz < 1 and g_updated == 1.0
+    assert (loss_g > 0) if g_loss == "non_saturating" else (loss_g < 0)
+    assert all(changed(g0, G)) and all(changed(d0, D))
+    assert all(p.requires_grad for p in D.parameters())  # D unfrozen again after G's step
+
+
+def test_train_step_without_g_update(nb):
+    G, D, opt_G, opt_D = make_models(nb)
+    g0, d0 = weights(G), weights(D)
+    out = nb["train_step"](G, D, opt_G, opt_D, torch.rand(32, 784) * 2 - 1, 100, update_g=False)
+    assert torch.isfinite(out).all()
+    assert out[3].item() == 0.0 and out[4].item() == 0.0
+    assert not any(changed(g0, G))
+    assert all(changed(d0, D))
+
+
+def test_train_step_is_deterministic(nb):
+    outs = []
+    for _ in range(2):
+        G, D, opt_G, opt_D = make_models(nb, seed=3)
+        real = torch.linspace(-1, 1, 16 * 784).reshape(16, 784)
+        torch.manual_seed(11)
+        outs.append((nb["train_step"](G, D, opt_G, opt_D, real, 100), weights(G)))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+
+
+def test_generator_loss_values(nb):
+    zero = torch.zeros(4)
+    assert nb["generator_loss"](zero, "non_saturating").item() == pytest.approx(math.log(2))
+    assert nb["generator_loss"](zero, "minimax").item() == pytest.approx(-math.log(2))
+    x = torch.tensor([2.0, -1.0])
+    d = torch.sigmoid(x)
+    # non-saturating: -log D(G(z));  minimax: log(1 - D(G(z)))
+    assert nb["generator_loss"](x, "non_saturating").item() == pytest.approx(-torch.log(d).mean().item(), rel=1e-5)
+    assert nb["generator_loss"](x, "minimax").item() == pytest.approx(torch.log(1 - d).mean().item(), rel=1e-5)
+
+
+def test_discriminator_loss_values(nb):
+    zero = torch.zeros(4)
+    assert nb["discriminator_loss"](zero, zero).item() == pytest.approx(2 * math.log(2))
+    real, fake = torch.tensor([3.0]), torch.tensor([-2.0])
+    expected = -math.log(torch.sigmoid(real).item()) - math.log(1 - torch.sigmoid(fake).item())
+    assert nb["discriminator_loss"](real, fake).item() == pytest.approx(expected, rel=1e-5)
+    # one-sided label smoothing: real target 0.9
+    p = torch.sigmoid(real).item()
+    smoothed = -(0.9 * math.log(p) + 0.1 * math.log(1 - p)) - math.log(1 - torch.sigmoid(fake).item())
+    assert nb["discriminator_loss"](real, fake, 0.9).item() == pytest.approx(smoothed, rel=1e-5)
