@@ -1,0 +1,105 @@
+"""The fast path's logic, checked on the CPU: no host sync inside a training step, the AMP and
+compile switches, and the benchmark's output."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import gan_utils as gu
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "Vanilla_GAN.ipynb"
+
+# Tensor methods that copy a value to the host: on a GPU each one stalls until the queue drains.
+HOST_SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+              torch.Tensor.__int__, torch.Tensor.cpu, torch.Tensor.numpy}
+
+
+class RecordHostSyncs(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_SYNCS:
+            self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def nb():
+    return gu.load_notebook_definitions(NOTEBOOK)
+
+
+def make_pair(nb, batchnorm=True):
+    torch.manual_seed(0)
+    G, D = nb["Generator"](16, batchnorm), nb["Discriminator"](0.3)
+    opt_G = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=True)
+    opt_D = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=True)
+    return G, D, opt_G, opt_D
+
+
+def test_train_step_never_reads_values_to_the_host(nb):
+    G, D, opt_G, opt_D = make_pair(nb)
+    real = torch.rand(32, 784) * 2 - 1
+    with RecordHostSyncs() as recorder:
+        for update_g in (True, False):
+            nb["train_step"](G, D, opt_G, opt_D, real, 16, update_g=update_g)
+    assert recorder.calls == []
+
+
+def test_train_step_with_bfloat16_autocast_updates_both_networks(nb):
+    G, D, opt_G, opt_D = make_pair(nb)
+    before = [p.detach().clone() for p in (*G.parameters(), *D.parameters())]
+    stats = nb["train_step"](G, D, opt_G, opt_D, torch.rand(32, 784) * 2 - 1, 16, amp_dtype=torch.bfloat16)
+    after = list(G.parameters()) + list(D.parameters())
+    assert torch.isfinite(stats).all()
+    assert all(p.dtype == torch.float32 for p in after)  # autocast computes in bf16, keeps fp32 weights
+    assert all(not torch.equal(b, a) for b, a in zip(before, after) if b.dim() == 2)
+
+
+def test_train_step_runs_under_torch_compile(nb):
+    # backend="eager" exercises Dynamo's tracing of the notebook's modules without minutes of C++
+    # compilation; the real inductor backend is what `compile = True` uses.
+    G, D, opt_G, opt_D = make_pair(nb)
+    G_c, D_c = torch.compile(G, backend="eager"), torch.compile(D, backend="eager")
+    for _ in range(2):
+        stats = nb["train_step"](G_c, D_c, opt_G, opt_D, torch.rand(32, 784) * 2 - 1, 16)
+    assert torch.isfinite(stats).all()
+    assert all(p.requires_grad for p in D.parameters())  # D unfrozen again after G's step
+
+
+def test_reusing_the_fakes_gives_the_generator_the_same_gradient_as_fresh_fakes(nb):
+    # train_step reuses the D step's fakes for G's step. With the same z that is exactly the G step of
+    # Algorithm 1 (after D's update): check against an explicit second forward pass.
+    G, D, opt_G, opt_D = make_pair(nb, batchnorm=False)
+    D.eval()  # no dropout, so both routes see the same D
+    z = torch.randn(8, 16)
+    fake = G(z)
+    D.requires_grad_(False)
+    nb["generator_loss"](D(fake)).backward()
+    reused = [p.grad.clone() for p in G.parameters()]
+    G.zero_grad()
+    nb["generator_loss"](D(G(z))).backward()
+    for a, b in zip(reused, (p.grad for p in G.parameters())):
+        torch.testing.assert_close(a, b)
+
+
+def test_benchmark_writes_its_figures(tmp_path, data_dir):
+    import benchmark
+
+    out = tmp_path / "bench.json"
+    result = benchmark.main(["--data-dir", str(data_dir), "--seconds", "1", "--batch-size", "64",
+                             "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["batch_size"] == 64
+    for key in ("matmul_peak_gflops", "speedup_vs_naive", "share_of_matmul_peak", "peak_rss_mb"):
+        assert saved[key] > 0
+    assert saved["notebook_step"]["images_per_s"] > 0 and saved["naive_pipeline"]["images_per_s"] > 0
+    # The FLOP count of one step matches the networks' matmuls: about 29 MFLOP per image.
+    assert 25e6 < saved["notebook_step"]["flops_per_image"] < 33e6
+    assert result["speedup_vs_naive"] == pytest.approx(
+        result["notebook_step"]["images_per_s"] / result["naive_pipeline"]["images_per_s"])
