@@ -5,7 +5,8 @@ learnt what digits look like. ImageNet's Inception-v3 is the usual choice for na
 knows nothing particular about handwritten digits, is large, and would have to be downloaded; the
 customary substitute on MNIST is a small classifier trained on MNIST itself. Its class
 probabilities give the "Inception-style" score and the digit histogram; its penultimate layer (128
-features) is the feature space for the Frechet distance, KID and precision/recall (`gan_metrics`).
+features, normalised) is the feature space for the Frechet distance, KID and precision/recall
+(`gan_metrics`).
 
 It is trained only on the paper's 50,000 training images (validation and test images are never
 seen), with small random shifts as augmentation, and it is deliberately cheap to run: two strided
@@ -20,7 +21,6 @@ Train (writes weights/mnist_classifier.pt, prints validation and test accuracy):
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from pathlib import Path
@@ -38,9 +38,17 @@ RETRAIN_COMMAND = "python mnist_classifier.py --data-dir <dir holding MNIST/raw>
 
 
 class MnistClassifier(nn.Module):
-    """conv 5x5/2 (32) -> conv 5x5/2 (64) -> FC 128 (the feature layer) -> FC 10 (logits).
+    """conv 5x5/2 (32) -> conv 5x5/2 (64) -> FC 128 (the feature layer) -> ReLU -> FC 10 (logits).
 
     Input: images in the model range [-1, 1], shaped (N, 784) or (N, 1, 28, 28).
+
+    The metric features are the 128 pre-activations of the FC layer, centred with their training-set
+    mean and divided by one scalar, their training-set RMS deviation (buffers, set by
+    `fit_feature_normalisation`). Pre-activations rather than ReLU outputs: the negative side says
+    how firmly a unit is off, which keeps inputs that are no digit at all (noise) apart from real
+    digits, and they are nearer to Gaussian (Frechet distance assumes Gaussians). The centring and
+    single scale leave Frechet distance (up to the constant factor) and k-NN precision/recall
+    unchanged but give KID's kernel (x.y/d + 1)^3 the O(1) entries it was designed for.
     """
 
     def __init__(self, dropout: float = 0.3):
@@ -52,17 +60,50 @@ class MnistClassifier(nn.Module):
         self.fc = nn.Linear(64 * 7 * 7, FEATURE_DIM)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(FEATURE_DIM, 10)
+        self.register_buffer("feature_mean", torch.zeros(FEATURE_DIM))
+        self.register_buffer("feature_scale", torch.ones(()))
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The penultimate layer: 128 non-negative (post-ReLU) features per image."""
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations of the 128-unit FC layer."""
         x = x.reshape(-1, 1, 28, 28)
         x = F.relu(self.conv1(x))
         x = F.relu(self.conv2(x))
-        return F.relu(self.fc(x.flatten(1)))
+        return self.fc(x.flatten(1))
+
+    def normalise(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Pre-activations -> metric features (centred, one common scale)."""
+        return (hidden - self.feature_mean) / self.feature_scale
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The classification head: ReLU, dropout (training only), FC 10."""
+        return self.head(self.dropout(F.relu(hidden)))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate layer as metric features (N, 128)."""
+        return self.normalise(self.hidden(x))
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both from one pass through the network."""
+        hidden = self.hidden(x)
+        return self.normalise(hidden), self.logits_from_hidden(hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits (N, 10)."""
-        return self.head(self.dropout(self.features(x)))
+        return self.logits_from_hidden(self.hidden(x))
+
+
+@torch.inference_mode()
+def fit_feature_normalisation(model: MnistClassifier, train_x: torch.Tensor,
+                              batch_size: int = 2000) -> None:
+    """Set the feature buffers from the (unaugmented) training images: per-unit mean, one RMS scale."""
+    was_training = model.training
+    model.eval()
+    hidden = torch.cat([model.hidden(train_x[i:i + batch_size])
+                        for i in range(0, len(train_x), batch_size)])
+    mean = hidden.double().mean(0)
+    model.feature_mean.copy_(mean)
+    model.feature_scale.copy_((hidden.double() - mean).square().mean().sqrt())
+    model.train(was_training)
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -97,8 +138,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, epochs: int = 8,
                      batch_size: int = 128, lr: float = 2e-3, weight_decay: float = 1e-4,
                      max_shift: int = 2, seed: int = 0, log=print) -> MnistClassifier:
-    """Train a MnistClassifier on (train_x, train_y) with Adam, a one-cycle learning rate and random
-    shifts; deterministic for a given seed and thread count. Returns the model in eval mode."""
+    """Train a MnistClassifier on (train_x, train_y) with AdamW, a one-cycle learning rate and random
+    shifts, then fit its feature normalisation on train_x; deterministic for a given seed and thread
+    count. Returns the model in eval mode."""
     torch.manual_seed(seed)  # initial weights and dropout masks
     data_rng = torch.Generator().manual_seed(seed + 1)  # shuffling and shifts, apart from the above
     model = MnistClassifier()
@@ -121,6 +163,7 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, epochs: int =
             total += loss.item()
         log(f"epoch {epoch + 1}/{epochs}: loss {total / steps_per_epoch:.4f} "
             f"({time.perf_counter() - started:.0f} s)")
+    fit_feature_normalisation(model, train_x)
     return model.eval()
 
 
@@ -176,11 +219,12 @@ def main(argv=None) -> None:
     test_acc = accuracy(model, splits.test_x, splits.test_y)
     print(f"trained in {seconds:.0f} s on {args.threads} thread(s); "
           f"val accuracy {100 * val_acc:.2f}%, test accuracy {100 * test_acc:.2f}%")
+    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses.
     meta = {"val_acc": val_acc, "test_acc": test_acc, "epochs": args.epochs, "seed": args.seed,
-            "train_seconds": round(seconds, 1), "threads": args.threads, "torch": torch.__version__}
+            "train_seconds": round(seconds, 1), "threads": args.threads, "torch": str(torch.__version__)}
     path = save_classifier(model, args.out, meta)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
-    if test_acc < 0.992 or not math.isfinite(val_acc):
+    if test_acc < 0.992:
         print("WARNING: test accuracy below the 99.2% the metrics assume")
 
 
