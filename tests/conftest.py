@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,10 +28,15 @@ RAW_NAMES = [spec.name for spec in gan_utils.MNIST_FILES.values()]
 
 # Tiny settings for notebook runs: 8 steps per epoch, seconds per run on a laptop CPU.
 TINY_PARAMS = dict(train_subset=512, batch_size=64, epochs=2, metrics_samples=256, eval_samples=500,
-                   log_every=2, device="cpu", seed=0)
+                   log_every=2, checkpoint_every=1, device="cpu", seed=0)
 
-# Columns of metrics.csv that depend on the clock, not on the computation.
-TIME_COLUMNS = {"train_seconds", "eval_seconds"}
+# Columns of metrics.csv that measure the machine (wall time, memory), not the computation: ignored
+# when runs are compared (train_seconds, eval_seconds, peak_rss_mb, ...).
+MACHINE_COLUMN_SUFFIXES = ("_seconds", "_mb")
+
+
+def is_machine_column(name: str) -> bool:
+    return name.endswith(MACHINE_COLUMN_SUFFIXES)
 
 
 def data_root_from_env() -> Path:
@@ -143,15 +150,49 @@ def notebook_text(nb) -> str:
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:
-    """metrics.csv without the clock columns, for exact comparison between runs."""
-    rows = gan_utils.read_metrics_csv(Path(run_dir) / "metrics.csv")
-    return [{k: v for k, v in row.items() if k not in TIME_COLUMNS} for row in rows]
+    """metrics.csv without the wall-time and memory columns, for exact comparison between runs."""
+    return without_machine_columns(gan_utils.read_metrics_csv(Path(run_dir) / "metrics.csv"))
+
+
+def without_machine_columns(rows) -> list[dict]:
+    return [{k: float(v) for k, v in row.items() if not is_machine_column(k)} for row in rows]
+
+
+@dataclass
+class NotebookRun:
+    """One executed notebook: the notebook (also when a cell failed), its run directory, the
+    papermill error (None when every cell ran) and how long it took."""
+
+    nb: object
+    run_dir: Path
+    error: Exception | None
+    seconds: float
+
+    def check(self):
+        """Fail the calling test with the notebook's own traceback if a cell raised."""
+        if self.error is not None:
+            pytest.fail(f"the notebook failed: {self.error}", pytrace=False)
+        return self
+
+
+def execute_cached(tmp: Path, data: Path, **params) -> NotebookRun:
+    import nbformat
+    import papermill
+
+    started = time.perf_counter()
+    output = tmp / "executed.ipynb"
+    try:
+        nb, error = run_notebook(tmp, data, output=output, **params), None
+    except papermill.PapermillExecutionError as exc:
+        nb, error = nbformat.read(output, as_version=4), exc
+    return NotebookRun(nb, Path(params.get("run_dir") or tmp / "run"), error, time.perf_counter() - started)
 
 
 @pytest.fixture(scope="session")
 def notebook_runs(tmp_path_factory):
-    """Session cache of notebook runs: notebook_runs(**params) runs the notebook once per distinct
-    set of parameters (tiny defaults) and returns (executed notebook, run directory)."""
+    """Session cache of notebook runs: notebook_runs(**params) executes the notebook once per distinct
+    set of parameters (tiny defaults, run_dir in a fresh temporary directory) and returns a
+    NotebookRun. A failing cell does not raise here: tests that need the run call .check()."""
     cache = {}
 
     def get(**params):
@@ -160,15 +201,13 @@ def notebook_runs(tmp_path_factory):
             data = data_root_from_env()
             if not mnist_present(data):
                 pytest.skip(f"MNIST not found under {data}; set GAN_DATA_DIR")
-            tmp = tmp_path_factory.mktemp("nbrun")
-            nb = run_notebook(tmp, data, **params)
-            cache[key] = (nb, tmp / "run")
+            cache[key] = execute_cached(tmp_path_factory.mktemp("nbrun"), data, **params)
         return cache[key]
 
     return get
 
 
 @pytest.fixture(scope="session")
-def tiny_run(notebook_runs, data_dir):
+def tiny_run(notebook_runs, data_dir) -> NotebookRun:
     """The default tiny run (2 epochs, seed 0, final evaluation on 500 samples), run once per session."""
     return notebook_runs()

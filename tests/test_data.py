@@ -302,6 +302,20 @@ def test_missing_file_is_downloaded_verified_and_renamed(make_mnist_copy, local_
     assert np.array_equal(gu.load_mnist_arrays(root, download=False)["test_labels"], arrays["test_labels"])
 
 
+def test_downloaded_file_is_readable_by_others(make_mnist_copy, local_mirror, monkeypatch):
+    # data_dir may be shared (GAN_DATA_DIR): a download gets the permissions open() would give it
+    _, url = local_mirror
+    root = make_mnist_copy(names=[n for n in RAW_NAMES if n != TEST_LABELS])
+    monkeypatch.setattr(gu, "MNIST_MIRRORS", (url,))
+    old = os.umask(0o022)
+    try:
+        gu.ensure_mnist(root, download=True)
+    finally:
+        os.umask(old)
+    mode = (root / "MNIST" / "raw" / (TEST_LABELS + ".gz")).stat().st_mode & 0o777
+    assert mode == 0o644, f"downloaded file has mode {oct(mode)}"
+
+
 def test_download_into_missing_directory(tmp_path, data_dir, monkeypatch):
     # an empty data_dir: all four files come from the mirror, and the loaded data are right
     mirror = tmp_path / "mirror"

@@ -671,3 +671,24 @@ def test_discriminator_loss_values(nb):
     p = torch.sigmoid(real).item()
     smoothed = -(0.9 * math.log(p) + 0.1 * math.log(1 - p)) - math.log(1 - torch.sigmoid(fake).item())
     assert nb["discriminator_loss"](real, fake, 0.9).item() == pytest.approx(smoothed, rel=1e-5)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path, umask_022):
+    # Run outputs (metrics, grids, checkpoints) should be readable like any file written with open():
+    # 0o666 less the umask, not the 0o600 of a private temporary file.
+    plain = tmp_path / "plain.txt"
+    plain.write_bytes(b"x")
+    gu.atomic_write_bytes(tmp_path / "atomic.txt", b"x")
+    gu.save_grid(torch.zeros(4, 784), tmp_path / "grid.png")
+    gu.save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1})
+    expected = plain.stat().st_mode & 0o777
+    assert expected == 0o644
+    for name in ("atomic.txt", "grid.png", "checkpoint.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, f"{name} is {oct((tmp_path / name).stat().st_mode & 0o777)}"
