@@ -1,0 +1,253 @@
+"""Vanilla_GAN.ipynb end to end with papermill, on tiny settings: every cell runs, the run directory
+holds what the README promises, a seed repeats a run exactly, and resuming equals training straight."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import papermill
+import pytest
+import torch
+from PIL import Image
+
+import gan_utils as gu
+from conftest import NOTEBOOK, TINY_PARAMS, is_machine_column, cell_text, execute_cached, metrics_rows, notebook_text
+
+LOSS_COLUMNS = ("d_loss", "g_loss", "d_x", "d_g_z")
+
+
+@pytest.fixture(scope="module")
+def run(tiny_run):
+    """The tiny run, for tests of what training writes: they fail with the notebook's traceback when
+    the notebook failed before or during training (a failure in a later cell fails only its own tests)."""
+    cell = training_cell(tiny_run.nb)
+    if tiny_run.error is not None and (cell.execution_count is None
+                                       or any(o.get("output_type") == "error" for o in cell.outputs)):
+        tiny_run.check()
+    return tiny_run
+
+
+@pytest.fixture(scope="module")
+def definitions():
+    return gu.load_notebook_definitions(NOTEBOOK)
+
+
+def training_cell(nb):
+    return next(c for c in nb.cells if c.cell_type == "code" and "train_one_epoch(epoch, bar)" in c.source
+                and "for epoch in range(epochs_done, epochs)" in c.source)
+
+
+# ------------------------------------------------------------------------------------------------
+# The default tiny run
+# ------------------------------------------------------------------------------------------------
+
+def test_every_code_cell_ran(tiny_run):
+    tiny_run.check()  # papermill raised if any cell failed: show its traceback
+    code = [c for c in tiny_run.nb.cells if c.cell_type == "code"]
+    assert code
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    assert not [c for c in code if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+
+
+def test_parameters_were_injected(run):
+    injected = [c for c in run.nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1
+    assert "train_subset = 512" in injected[0].source
+
+
+def test_config_json(run):
+    config = json.loads((run.run_dir / "config.json").read_text())
+    assert set(gu.PARAMETER_RULES) <= set(config)
+    assert config["latent_dim"] == 100
+    for name, value in TINY_PARAMS.items():
+        assert config[name] == value, name
+    assert config["run_dir"] == str(run.run_dir)
+    assert config["device_resolved"] == "cpu"
+    assert config["versions"]["torch"] == torch.__version__
+
+
+def test_metrics_csv_one_row_per_epoch(run):
+    rows = gu.read_metrics_csv(run.run_dir / "metrics.csv")
+    assert [row["epoch"] for row in rows] == [1.0, 2.0]
+    for row in rows:
+        for key in LOSS_COLUMNS:
+            assert math.isfinite(row[key]), (key, row)
+        assert row["d_loss"] > 0 and row["g_loss"] > 0
+        assert 0 < row["d_x"] < 1 and 0 < row["d_g_z"] < 1
+        assert row["lr_g"] == TINY_PARAMS.get("lr_g", 2e-4)
+        # metrics_every = 1: the quick scores are there every epoch
+        assert math.isfinite(row["fd"]) and row["fd"] > 0
+        assert 1 <= row["score"] <= 10
+    assert 0 < rows[0]["train_seconds"] < rows[1]["train_seconds"]
+
+
+def test_epoch_grids(run):
+    grids = sorted(p.name for p in (run.run_dir / "grids").iterdir())
+    assert grids == ["epoch_001.png", "epoch_002.png"]
+    for name in grids:
+        with Image.open(run.run_dir / "grids" / name) as img:
+            assert img.format == "PNG" and img.size == (484, 484)
+
+
+def test_progress_gif_one_frame_per_epoch(run):
+    with Image.open(run.run_dir / "progress.gif") as gif:
+        assert gif.n_frames == 2
+        for k in range(gif.n_frames):
+            gif.seek(k)
+            frame = np.asarray(gif.convert("L"))[14:]  # below the "epoch k" label strip
+            with Image.open(run.run_dir / "grids" / f"epoch_{k + 1:03d}.png") as grid:
+                assert np.array_equal(frame, np.asarray(grid.convert("L"))), f"frame {k} is not epoch {k + 1}'s grid"
+
+
+def test_other_pictures(run):
+    for name in ("losses.png", "quality.png", "interpolation.png", "real_vs_generated.png"):
+        with Image.open(run.run_dir / name) as img:
+            assert img.format == "PNG" and img.size[0] > 100, name
+
+
+def test_checkpoint(run):
+    ck = gu.load_checkpoint(run.run_dir / "checkpoint.pt")
+    assert ck["epoch"] == 2
+    assert {"G", "D", "G_ema", "opt_G", "opt_D", "fixed_noise", "rng", "history", "config"} <= set(ck)
+    assert ck["config"]["latent_dim"] == 100 and ck["config"]["g_batchnorm"] is True
+    assert ck["fixed_noise"].shape == (64, 100)
+    rows = gu.read_metrics_csv(run.run_dir / "metrics.csv")
+    assert [{k: float(v) for k, v in r.items()} for r in ck["history"]] == rows
+    for key in ("G", "D", "G_ema"):
+        assert all(torch.isfinite(t).all() for t in ck[key].values() if t.is_floating_point()), key
+
+
+def test_checkpoint_loads_into_the_notebooks_networks(run, definitions):
+    ck = gu.load_checkpoint(run.run_dir / "checkpoint.pt")
+    G = definitions["Generator"](100, True)
+    G.load_state_dict(ck["G_ema"])
+    D = definitions["Discriminator"](0.3)
+    D.load_state_dict(ck["D"])
+    with torch.no_grad():
+        assert D.eval()(G.eval()(ck["fixed_noise"])).shape == (64,)
+
+
+def test_exported_generator(run, definitions):
+    exported = torch.export.load(str(run.run_dir / "generator.pt2")).module()
+    ck = gu.load_checkpoint(run.run_dir / "checkpoint.pt")
+    G_ema = definitions["Generator"](100, True)
+    G_ema.load_state_dict(ck["G_ema"])
+    G_ema.eval()
+    for n in (1, 7):
+        z = torch.randn(n, 100)
+        out = exported(z)
+        assert out.shape == (n, 1, 28, 28)
+        assert out.min() >= -1 and out.max() <= 1
+        with torch.no_grad():  # it is the EMA generator (ema_decay > 0), in eval mode
+            assert torch.allclose(out.reshape(n, 784), G_ema(z), atol=1e-5)
+
+
+def test_metrics_json(run):
+    metrics = json.loads((run.run_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["eval_samples"] == 500
+    gan = metrics["results"]["GAN (this run)"]
+    assert gan["n_samples"] == 500
+    assert math.isfinite(gan["parzen_ll"]) and math.isfinite(gan["fd"])
+    assert "real training images" in metrics["results"]
+
+
+def test_training_printed_progress(run):
+    text = cell_text(training_cell(run.nb))
+    assert "epoch   1" in text and "epoch   2" in text
+    assert "2 epochs" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# Reproducibility and resuming
+# ------------------------------------------------------------------------------------------------
+
+def comparable(rows):
+    assert rows and not any(is_machine_column(k) for k in rows[0])
+    assert set(LOSS_COLUMNS) <= set(rows[0]) and "fd" in rows[0] and "score" in rows[0]
+    return rows
+
+
+def same_weights(path_a: Path, path_b: Path, keys=("G", "D", "G_ema")):
+    a, b = gu.load_checkpoint(path_a), gu.load_checkpoint(path_b)
+    for key in keys:
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+
+
+def test_same_seed_same_run(run, notebook_runs):
+    again = notebook_runs(eval_samples=0).check()  # the final evaluation runs after training: no effect
+    assert comparable(metrics_rows(again.run_dir)) == comparable(metrics_rows(run.run_dir))
+    same_weights(again.run_dir / "checkpoint.pt", run.run_dir / "checkpoint.pt")
+
+
+def test_resume_equals_straight_run(run, notebook_runs, tmp_path, data_dir):
+    straight = notebook_runs(epochs=4, eval_samples=0).check()
+    # continue a copy of the 2-epoch run; run_dir '' -> the checkpoint's own directory
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(run.run_dir, resumed_dir)
+    second = execute_cached(tmp_path / "nb", data_dir, resume=str(resumed_dir / "checkpoint.pt"),
+                            run_dir="", epochs=4, eval_samples=0)
+    second.check()
+    assert f"after epoch 2" in notebook_text(second.nb)
+    assert comparable(metrics_rows(resumed_dir)) == comparable(metrics_rows(straight.run_dir))
+    assert [r["epoch"] for r in metrics_rows(resumed_dir)] == [1.0, 2.0, 3.0, 4.0]
+    same_weights(resumed_dir / "checkpoint.pt", straight.run_dir / "checkpoint.pt")
+    assert gu.load_checkpoint(resumed_dir / "checkpoint.pt")["epoch"] == 4
+    with Image.open(resumed_dir / "progress.gif") as gif:
+        assert gif.n_frames == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad settings fail fast, before any training
+# ------------------------------------------------------------------------------------------------
+
+def test_bad_parameter_fails_fast(tmp_path, data_dir):
+    bad = execute_cached(tmp_path, data_dir, lr_g=-1.0)
+    assert isinstance(bad.error, papermill.PapermillExecutionError)
+    assert bad.error.ename == "ParameterError"
+    text = str(bad.error)
+    assert "lr_g = -1.0" in text and "a number > 0" in text
+    assert not (bad.run_dir / "checkpoint.pt").exists()
+    assert training_cell(bad.nb).execution_count is None  # training never started
+
+
+def test_misspelt_parameter_fails_with_suggestion(tmp_path, data_dir):
+    # `papermill -p epoch 3` (for epochs) must not silently train with the default
+    bad = execute_cached(tmp_path, data_dir, epoch=1, eval_samples=0)
+    assert isinstance(bad.error, papermill.PapermillExecutionError), \
+        "a misspelt papermill parameter ('epoch') was silently ignored"
+    assert "epoch" in str(bad.error) and "did you mean 'epochs'" in str(bad.error)
+    assert training_cell(bad.nb).execution_count is None
+
+
+@pytest.fixture(scope="module")
+def wrong_architecture_resume(run, tmp_path_factory, data_dir):
+    """A copy of the tiny run, resumed with latent_dim=64 into its own directory (run_dir '')."""
+    tmp = tmp_path_factory.mktemp("wrongarch")
+    copy_dir = tmp / "run_copy"
+    shutil.copytree(run.run_dir, copy_dir)
+    before = {p.name: p.read_bytes() for p in copy_dir.iterdir() if p.is_file()}
+    result = execute_cached(tmp / "nb", data_dir, resume=str(copy_dir / "checkpoint.pt"), run_dir="",
+                            latent_dim=64, eval_samples=0)
+    return result, copy_dir, before
+
+
+def test_resume_with_other_architecture_names_it(wrong_architecture_resume):
+    result, _, _ = wrong_architecture_resume
+    assert isinstance(result.error, papermill.PapermillExecutionError)
+    assert result.error.ename == "CheckpointError"
+    assert "latent_dim: checkpoint has 100, notebook has 64" in str(result.error)
+    assert training_cell(result.nb).execution_count is None
+
+
+def test_failed_resume_leaves_the_run_untouched(wrong_architecture_resume):
+    # the checkpoint's settings are checked before anything is written into its run directory
+    _, copy_dir, before = wrong_architecture_resume
+    after = {p.name: p.read_bytes() for p in copy_dir.iterdir() if p.is_file()}
+    assert after.keys() == before.keys()
+    changed = [name for name in before if after[name] != before[name]]
+    assert changed == [], f"a resume that failed its checks rewrote {changed}"
