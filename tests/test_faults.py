@@ -4,7 +4,6 @@ disk must load and resuming must give exactly the run that was never disturbed."
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess

@@ -192,7 +192,7 @@ def test_resume_equals_straight_run(run, notebook_runs, tmp_path, data_dir):
     second = execute_cached(tmp_path / "nb", data_dir, resume=str(resumed_dir / "checkpoint.pt"),
                             run_dir="", epochs=4, eval_samples=0)
     second.check()
-    assert f"after epoch 2" in notebook_text(second.nb)
+    assert "after epoch 2" in notebook_text(second.nb)
     assert comparable(metrics_rows(resumed_dir)) == comparable(metrics_rows(straight.run_dir))
     assert [r["epoch"] for r in metrics_rows(resumed_dir)] == [1.0, 2.0, 3.0, 4.0]
     same_weights(resumed_dir / "checkpoint.pt", straight.run_dir / "checkpoint.pt")
