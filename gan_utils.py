@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import pickle
 import platform
 import sys
 import tempfile
@@ -115,6 +116,13 @@ def parse_idx(raw: bytes, spec: IdxFile, source: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=8)
 
 
+def _ordinary_file_mode() -> int:
+    """The mode open() would give a new file (0o666 less the umask): mkstemp's files are 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _download(url: str, dest: Path, md5: str, timeout: float) -> None:
     """Download to a temporary file beside `dest`, check the md5, then rename: never half a file."""
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
@@ -124,6 +132,7 @@ def _download(url: str, dest: Path, md5: str, timeout: float) -> None:
                 out.write(block)
         if _md5(Path(tmp)) != md5:
             raise DataError(f"{url} downloaded with the wrong md5; try again later or another mirror.")
+        os.chmod(tmp, _ordinary_file_mode())  # readable by others, like a file the user made
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -330,6 +339,26 @@ def parameters_from(namespace: dict) -> dict:
         raise ParameterError(f"the parameters cell does not define {', '.join(missing)}; "
                              "restore them from the repository's Vanilla_GAN.ipynb.")
     return {name: namespace[name] for name in PARAMETER_RULES}
+
+
+def injected_parameters(history: list[str]) -> dict:
+    """The names and values papermill injected, read from the kernel's input history (`In`).
+
+    parameters_from() picks known names only, so a misspelt `-p epoch 5` would otherwise be
+    silently ignored; validate_parameters() rejects the unknown name with a did-you-mean.
+    """
+    import ast
+    injected = [src for src in history if src.lstrip().startswith("# Parameters")]
+    if not injected:
+        return {}
+    values = {}
+    for node in ast.parse(injected[-1]).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                values[node.targets[0].id] = ast.unparse(node.value)
+    return values
 
 
 def validate_parameters(config: dict) -> None:
@@ -602,6 +631,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _ordinary_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -617,10 +647,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> Path:
     """Save a plain-dict checkpoint atomically, stamped with this project's format tag."""
+    path = Path(path)
     buffer = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, buffer)
-    atomic_write_bytes(Path(path), buffer.getvalue())
-    return Path(path)
+    atomic_write_bytes(path, buffer.getvalue())
+    for stale in path.parent.glob(path.name + ".*.tmp"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
+    return path
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -630,7 +663,17 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: no such checkpoint file; check the `resume` parameter.")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, pickle with code in it, not a torch file at all
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # not a refused object: the pickle itself is broken
+            raise CheckpointError(f"{path} is not a readable checkpoint of this project (its contents "
+                                  "cannot be unpickled). Point `resume` at a checkpoint.pt written by "
+                                  "Vanilla_GAN.ipynb.") from None
+        raise CheckpointError(
+            f"{path} holds Python objects other than tensors and plain data, so it was refused "
+            "without running any of it. Checkpoints of this project never do: point `resume` at a "
+            "checkpoint.pt written by Vanilla_GAN.ipynb."
+        ) from None
+    except Exception as exc:  # truncated zip, not a torch file at all
         raise CheckpointError(
             f"{path} is not a readable checkpoint of this project ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Point `resume` at a "
