@@ -600,8 +600,9 @@ def divergence_message(step: int, epoch: int, config: dict, checkpoint: Path) ->
 def resume_message(checkpoint: Path, epoch: int) -> str:
     return (
         f"Saved {checkpoint} after epoch {epoch}. To continue: in Jupyter, run the training cell "
-        f"again; headless, run papermill with `-p resume {checkpoint}` (and `-p run_dir "
-        f"{checkpoint.parent}` to keep writing into the same run directory)."
+        f"again (or set resume = {str(checkpoint)!r} after a restart); headless, "
+        f"`make run RUN_DIR={checkpoint.parent} PARAMS=\"-p resume {checkpoint}\"` "
+        f"(papermill: `-p resume {checkpoint}`); the run continues in {checkpoint.parent}."
     )
 
 
