@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import time
 from pathlib import Path
 

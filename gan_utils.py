@@ -737,7 +737,3 @@ def load_notebook_definitions(notebook: str | os.PathLike, tag: str = "gan-core"
     namespace = {"__name__": "vanilla_gan_notebook", "torch": torch, "nn": torch.nn, "F": F}
     exec(compile(notebook_cells_source(notebook, tag), str(notebook), "exec"), namespace)
     return namespace
-
-
-def stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
