@@ -10,6 +10,7 @@ No module-level state: every function takes what it needs and returns what it ma
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import gzip
@@ -124,19 +125,14 @@ def _ordinary_file_mode() -> int:
 
 
 def _download(url: str, dest: Path, md5: str, timeout: float) -> None:
-    """Download to a temporary file beside `dest`, check the md5, then rename: never half a file."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+    """Download to a `.part` file beside `dest`, check the md5, then rename: never half a file."""
+    with _new_file_replacing(dest, suffix=".part") as (out, tmp):
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
-        if _md5(Path(tmp)) != md5:
+        out.flush()
+        if _md5(tmp) != md5:
             raise DataError(f"{url} downloaded with the wrong md5; try again later or another mirror.")
-        os.chmod(tmp, _ordinary_file_mode())  # readable by others, like a file the user made
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _download_gz(raw_dir: Path, spec: IdxFile, timeout: float) -> str | None:
@@ -619,20 +615,23 @@ class CheckpointError(RuntimeError):
     """A file is not a checkpoint of this project, or does not fit the notebook's settings."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one, never half.
+@contextlib.contextmanager
+def _new_file_replacing(path: Path, suffix: str):
+    """Yield (file, its path): a new file beside `path`. When the block ends without an error, the
+    file is flushed, fsynced, given ordinary permissions and renamed over `path`; on any error it is
+    removed. So a crash leaves either the old file or the new one, never half of one.
 
-    Temporary file in the same directory (same filesystem, so rename is atomic), flush and fsync,
-    rename over the target, then fsync the directory so the rename itself survives a power cut.
+    Same directory, so the rename is atomic (one filesystem); the directory is fsynced afterwards
+    so the rename itself survives a power cut.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f, Path(tmp)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _ordinary_file_mode())
+        os.chmod(tmp, _ordinary_file_mode())  # mkstemp makes 0o600; readable by others like any new file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -644,6 +643,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one, never half."""
+    with _new_file_replacing(Path(path), suffix=".tmp") as (f, _):
+        f.write(data)
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> Path:
