@@ -72,7 +72,7 @@ def time_notebook_step(nb: dict, cfg: dict, train_x: torch.Tensor, seconds: floa
     """(a): the notebook's train_step over its minibatches, as the training cell runs it."""
     device = train_x.device
     G, D = build_models(nb, cfg, device)
-    kernel = {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}  # as the notebook
+    kernel = gu.adam_kernel(device)  # as the notebook
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg["lr_g"], betas=(cfg["beta1_g"], cfg["beta2_g"]), **kernel)
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], betas=(cfg["beta1_d"], cfg["beta2_d"]), **kernel)
     G_ema = copy.deepcopy(G).requires_grad_(False)

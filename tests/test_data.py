@@ -168,13 +168,9 @@ def test_missing_directory_without_download_creates_nothing(tmp_path, monkeypatc
 def test_one_missing_file_is_named(make_mnist_copy, monkeypatch):
     monkeypatch.setattr("urllib.request.urlopen", no_network)
     root = make_mnist_copy(names=[n for n in RAW_NAMES if n != TEST_LABELS])
-    before = listing(root)
-    with pytest.raises(gu.DataError) as info:
-        gu.load_mnist(root, download=False)
-    msg = str(info.value)
+    msg = load_error_leaving_dir_untouched(root)
     assert f"missing {TEST_LABELS}" in msg
     assert "GAN_DATA_DIR" in msg and "data_dir" in msg
-    assert listing(root) == before
 
 
 def test_truncated_unpacked_file(make_mnist_copy):
@@ -182,36 +178,39 @@ def test_truncated_unpacked_file(make_mnist_copy):
     path = root / "MNIST" / "raw" / TEST_IMAGES
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size // 2)
-    before = listing(root)
-    with pytest.raises(gu.DataError) as info:
-        gu.load_mnist(root, download=False)
-    msg = str(info.value)
+    msg = load_error_leaving_dir_untouched(root)
     assert str(path) in msg
     assert "truncated" in msg
-    assert listing(root) == before  # nothing written, nothing deleted
+
+
+def load_error_leaving_dir_untouched(root, download=False):
+    """load_mnist must fail with a DataError and leave the directory as it was; returns the message."""
+    before = listing(root)
+    with pytest.raises(gu.DataError) as info:
+        gu.load_mnist(root, download=download)
+    assert listing(root) == before  # nothing written, nothing deleted, no .part file left
+    return str(info.value)
+
+
+def overwrite_bytes(path, offset, data):
+    """Damage a copied file in place: `data` replaces the bytes at `offset`, the size stays."""
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + len(data)] = data
+    path.write_bytes(bytes(raw))
 
 
 def test_corrupt_idx_header(make_mnist_copy):
     root = make_mnist_copy(plain=True)
     path = root / "MNIST" / "raw" / TEST_LABELS
-    raw = bytearray(path.read_bytes())
-    raw[0:4] = (2051).to_bytes(4, "big")  # a labels file claiming to hold images: same size, bad magic
-    path.write_bytes(bytes(raw))
-    before = listing(root)
-    with pytest.raises(gu.DataError) as info:
-        gu.load_mnist(root, download=False)
-    msg = str(info.value)
+    overwrite_bytes(path, 0, (2051).to_bytes(4, "big"))  # a labels file claiming to hold images: same size, bad magic
+    msg = load_error_leaving_dir_untouched(root)
     assert str(path) in msg and "header" in msg
-    assert listing(root) == before
 
 
 def test_corrupt_image_dimensions(make_mnist_copy):
     root = make_mnist_copy(plain=True, names=[TEST_IMAGES])
     path = root / "MNIST" / "raw" / TEST_IMAGES
-    raw = bytearray(path.read_bytes())
-    raw[8:12] = (14).to_bytes(4, "big")
-    raw[12:16] = (56).to_bytes(4, "big")  # 14x56: same byte count, wrong shape
-    path.write_bytes(bytes(raw))
+    overwrite_bytes(path, 8, (14).to_bytes(4, "big") + (56).to_bytes(4, "big"))  # 14x56: same byte count, wrong shape
     with pytest.raises(gu.DataError) as info:
         gu.read_mnist_file(path.parent, gu.MNIST_FILES["test_images"])
     assert str(path) in str(info.value) and "28x28" in str(info.value)
@@ -220,15 +219,10 @@ def test_corrupt_image_dimensions(make_mnist_copy):
 def test_gz_with_wrong_md5(make_mnist_copy):
     root = make_mnist_copy(plain=False, gz=True)
     path = root / "MNIST" / "raw" / (TEST_LABELS + ".gz")
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    path.write_bytes(bytes(raw))
-    before = listing(root)
-    with pytest.raises(gu.DataError) as info:
-        gu.load_mnist(root, download=False)
-    msg = str(info.value)
+    middle = path.stat().st_size // 2
+    overwrite_bytes(path, middle, bytes([path.read_bytes()[middle] ^ 0xFF]))  # one flipped byte
+    msg = load_error_leaving_dir_untouched(root)
     assert str(path) in msg and "md5" in msg
-    assert listing(root) == before
 
 
 def test_gz_only_gives_the_same_arrays(make_mnist_copy, arrays):
@@ -334,13 +328,9 @@ def test_download_with_wrong_content_leaves_nothing(make_mnist_copy, tmp_path, m
     bad.mkdir()
     (bad / (TEST_LABELS + ".gz")).write_bytes(gzip.compress(b"not mnist at all"))
     root = make_mnist_copy(names=[n for n in RAW_NAMES if n != TEST_LABELS])
-    before = listing(root)
     monkeypatch.setattr(gu, "MNIST_MIRRORS", (bad.as_uri() + "/",))
-    with pytest.raises(gu.DataError) as info:
-        gu.load_mnist(root, download=True)
-    msg = str(info.value)
+    msg = load_error_leaving_dir_untouched(root, download=True)  # no .part file, no half file under the final name
     assert "md5" in msg and TEST_LABELS in msg
-    assert listing(root) == before  # no .part file, no half file under the final name
 
 
 def test_bad_mirror_falls_back_to_the_next(make_mnist_copy, local_mirror, tmp_path, monkeypatch, arrays):
