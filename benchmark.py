@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 import gan_utils as gu
 
@@ -60,6 +61,23 @@ def matmul_peak_gflops(device: torch.device, sizes=(1024, 2048, 3072), seconds: 
     return best
 
 
+class CountFlops(TorchDispatchMode):
+    """Counts the FLOPs of matrix multiplies (forward, backward, and a gradient of a gradient) with
+    torch's own per-operator formulas. torch.utils.flop_counter.FlopCounterMode would do the same but
+    its module hooks refuse torch.autograd.grad, which the R1 penalty needs."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func._overloadpacket in flop_registry:
+            self.flops += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+        return out
+
+
 def build_models(nb: dict, cfg: dict, device: torch.device):
     torch.manual_seed(cfg["seed"])
     G = nb["Generator"](cfg["latent_dim"], cfg["g_batchnorm"]).to(device)
@@ -80,25 +98,35 @@ def time_notebook_step(nb: dict, cfg: dict, train_x: torch.Tensor, seconds: floa
     amp_dtype = torch.bfloat16 if amp else None
     bs = cfg["batch_size"]
 
-    def step(real):
+    r1_every = cfg["r1_every"] if cfg["r1_gamma"] > 0 else 0
+
+    def step(real, number):
         stats = nb["train_step"](G_run, D_run, opt_G, opt_D, real, cfg["latent_dim"], cfg["g_loss"],
                                  1.0 - cfg["label_smoothing"], amp_dtype=amp_dtype)
+        if r1_every and number % r1_every == 0:  # as the training cell: a lazy R1 step every r1_every steps
+            nb["r1_step"](D, opt_D, real, cfg["r1_gamma"], r1_every)
         if cfg["ema_decay"] > 0:  # the training cell updates the EMA after every G step
             gu.update_ema(G_ema, G, cfg["ema_decay"])
         return stats
 
     real = train_x[:bs]
-    with FlopCounterMode(display=False) as counter:  # counts the matmuls of one step, forward and backward
-        step(real)
-    flops_per_step = counter.get_total_flops()
-    for _ in range(5):  # warm-up (and compile, if on)
-        step(real)
+    # Matmul FLOPs, forward and backward, of a plain step and of a step with the R1 penalty: on average
+    # one step in r1_every carries the penalty.
+    with CountFlops() as counter:
+        step(real, 1)
+    flops_per_step = counter.flops
+    if r1_every:
+        with CountFlops() as counter:
+            step(real, r1_every)
+        flops_per_step += (counter.flops - flops_per_step) / r1_every
+    for number in range(1, 6):  # warm-up (and compile, if on)
+        step(real, number)
     synchronize(device)
     images, epoch, started = 0, 0, time.perf_counter()
     sums = torch.zeros(5, device=device)
     while time.perf_counter() - started < seconds:
-        for real in gu.minibatches(train_x, bs, cfg["seed"], epoch):
-            sums += step(real)
+        for number, real in enumerate(gu.minibatches(train_x, bs, cfg["seed"], epoch), 1):
+            sums += step(real, number)
             images += bs
             if images % (bs * cfg["log_every"]) == 0 and time.perf_counter() - started >= seconds:
                 break

@@ -282,6 +282,10 @@ def _positive_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
+def _non_negative_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
 def _unit_interval_open(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
 
@@ -310,6 +314,8 @@ PARAMETER_RULES = {
     "g_loss": (lambda v: v in ("non_saturating", "minimax"), "'non_saturating' or 'minimax'"),
     "d_steps": (_positive_int, "an integer >= 1"),
     "label_smoothing": (lambda v: _unit_interval_open(v) and v < 0.5, "a number in [0, 0.5)"),
+    "r1_gamma": (_non_negative_number, "a number >= 0; 0 turns the penalty off"),
+    "r1_every": (_positive_int, "an integer >= 1 (steps)"),
     "lr_g": (_positive_number, "a number > 0"),
     "lr_d": (_positive_number, "a number > 0"),
     "beta1_g": (_unit_interval_open, "a number in [0, 1)"),
@@ -561,6 +567,26 @@ def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float)
     torch._foreach_lerp_(ema_params, list(model.parameters()), 1.0 - decay)
     for ema_b, b in zip(ema_model.buffers(), model.buffers()):
         ema_b.copy_(b)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(generator: torch.nn.Module, latent_dim: int, batches: int = 10,
+                          batch_size: int = 500, seed: int = 0) -> torch.nn.Module:
+    """Recompute the BatchNorm running statistics of `generator` for its own weights; returns it in eval mode.
+
+    The EMA generator's weights are an average over many steps, but the BatchNorm statistics it
+    inherits (update_ema copies them) belong to the training generator's current weights: a
+    mismatch that blurs samples in eval mode. As for stochastic weight averaging
+    (torch.optim.swa_utils.update_bn, used here), fresh noise is passed through in train mode and the
+    statistics are averaged over all `batches`. The noise comes from its own seeded generator, so the
+    training's random-number stream is untouched. Models without BatchNorm are left as they are.
+    """
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in generator.modules()):
+        device = next(generator.parameters()).device
+        rng = torch.Generator(device=device).manual_seed(seed)
+        noise = [torch.randn(batch_size, latent_dim, device=device, generator=rng) for _ in range(batches)]
+        torch.optim.swa_utils.update_bn(noise, generator)
+    return generator.eval()
 
 
 def ema_decay_at(step: int, decay: float) -> float:

@@ -76,6 +76,9 @@ def test_parameters_from_names_a_missing_parameter(defaults):
     ("label_smoothing", 0.5, "a number in [0, 0.5)"),
     ("beta1_g", 1.0, "a number in [0, 1)"),
     ("ema_decay", -0.1, "a number in [0, 1)"),
+    ("r1_gamma", -1.0, "a number >= 0"),
+    ("r1_gamma", float("nan"), "a number >= 0"),
+    ("r1_every", 0, "an integer >= 1"),
     ("device", "tpu", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
     ("data_dir", None, "a directory path"),
     ("checkpoint_every", 0, "an integer >= 1"),
@@ -498,6 +501,30 @@ def test_update_ema_math():
         assert torch.equal(p, torch.ones_like(p))  # the source is untouched
 
 
+def test_recalibrate_batchnorm_matches_the_noise_statistics():
+    torch.manual_seed(0)
+    G = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False), torch.nn.BatchNorm1d(3), torch.nn.Tanh())
+    G[1].running_mean.fill_(5.0)  # stale statistics, as copied from another model's weights
+    G[1].running_var.fill_(9.0)
+    global_state = torch.get_rng_state()
+    assert gu.recalibrate_batchnorm(G, latent_dim=4, batches=4, batch_size=250, seed=3) is G
+    assert not G.training
+    assert torch.equal(torch.get_rng_state(), global_state)  # training's random stream untouched
+    # Known answer: the statistics of the pre-BatchNorm activations over exactly that noise.
+    rng = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        h = torch.stack([G[0](torch.randn(250, 4, generator=rng)) for _ in range(4)])  # (batch, row, unit)
+    assert torch.allclose(G[1].running_mean, h.mean((0, 1)), atol=1e-6)
+    assert torch.allclose(G[1].running_var, h.var(1).mean(0), atol=1e-6)  # each batch's unbiased variance, averaged
+
+
+def test_recalibrate_batchnorm_leaves_models_without_batchnorm_alone():
+    G = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh())
+    before = copy.deepcopy(G.state_dict())
+    gu.recalibrate_batchnorm(G, latent_dim=4)
+    assert all(torch.equal(before[k], v) for k, v in G.state_dict().items()) and not G.training
+
+
 def test_set_learning_rate():
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.Adam([{"params": [model.weight]}, {"params": [model.bias], "lr": 5.0}], lr=1.0)
@@ -571,7 +598,8 @@ def test_metrics_csv_round_trip(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_notebook_definitions_present(nb):
-    for name in ("Generator", "Discriminator", "discriminator_loss", "generator_loss", "train_step"):
+    for name in ("Generator", "Discriminator", "discriminator_loss", "generator_loss", "train_step",
+                 "r1_penalty", "r1_step"):
         assert name in nb, name
 
 
@@ -692,3 +720,32 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path, umask_022):
     assert expected == 0o644
     for name in ("atomic.txt", "grid.png", "checkpoint.pt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == expected, f"{name} is {oct((tmp_path / name).stat().st_mode & 0o777)}"
+
+
+def linear_discriminator(w):
+    # D(x) = w . x: its gradient with respect to every image is w, so R1's penalty is |w|^2.
+    D = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 1, bias=False))
+    with torch.no_grad():
+        D[1].weight.copy_(w)
+    return D
+
+
+def test_r1_penalty_of_a_linear_discriminator(nb):
+    w = torch.linspace(-1, 1, 784)[None]
+    D = linear_discriminator(w)
+    penalty = nb["r1_penalty"](D, torch.rand(8, 1, 28, 28))
+    assert penalty.item() == pytest.approx(w.square().sum().item(), rel=1e-6)
+    penalty.backward()  # differentiable: d|w|^2/dw = 2w
+    assert torch.allclose(D[1].weight.grad, 2 * w, atol=1e-6)
+
+
+def test_r1_step_is_one_descent_step_on_the_weighted_penalty(nb):
+    w = torch.linspace(-1, 1, 784)[None]
+    D = linear_discriminator(w)
+    opt = torch.optim.SGD(D.parameters(), lr=0.01)
+    real = torch.rand(8, 784)
+    real_before = real.clone()
+    nb["r1_step"](D, opt, real, gamma=2.0, every=4)
+    # loss = gamma / 2 * every * |w|^2  ->  gradient gamma * every * w = 8w  ->  w - 0.01 * 8w
+    assert torch.allclose(D[1].weight, w * (1 - 0.08), atol=1e-6)
+    assert torch.equal(real, real_before) and not real.requires_grad  # the batch itself is untouched
