@@ -1,8 +1,9 @@
 """How fast does the notebook train, against a naive pipeline and against this machine's own limit?
 
 Measures, in one process on one machine:
-  (a) the notebook's training step (its own `train_step`, networks and default batch size, read from
-      Vanilla_GAN.ipynb: no second copy that can drift), on the dataset held as one tensor;
+  (a) the notebook's training step (its own `train_step`, `r1_step` every `r1_every` steps, EMA update,
+      networks and default batch size, read from Vanilla_GAN.ipynb: no second copy that can drift),
+      on the dataset held as one tensor;
   (b) a naive reference pipeline, written the way typical GAN repos train: torchvision's MNIST
       Dataset with ToTensor + Normalize, a shuffling DataLoader, Sigmoid + BCELoss, a fresh noise
       batch (second G forward) for the generator step, default Adam, `.item()` every step;
