@@ -317,6 +317,11 @@ def fraction_columns(probs: torch.Tensor) -> dict:
     return {f"frac_{digit}": share for digit, share in enumerate(class_fractions(probs).tolist())}
 
 
+def fd_to_reference(features: torch.Tensor, ref: ReferenceStats) -> float:
+    """Frechet distance between classifier features and the test set's (its square root precomputed)."""
+    return frechet_distance(*feature_stats(features), ref.mu, ref.cov, cov2_sqrt=ref.cov_sqrt)
+
+
 def quick_scores(classifier, fake_images: torch.Tensor, ref: ReferenceStats) -> dict:
     """Cheap per-epoch scores of a few thousand samples: Frechet distance to the test set ('fd'),
     the Inception-style score ('score') and the predicted-digit shares ('frac_0'..'frac_9').
@@ -324,8 +329,7 @@ def quick_scores(classifier, fake_images: torch.Tensor, ref: ReferenceStats) -> 
     With 2,000 samples FD is biased upward: 2,000 real validation images score about 0.7 here,
     10,000 about 0.4."""
     features, probs = classifier_outputs(classifier, fake_images)
-    fd = frechet_distance(*feature_stats(features), ref.mu, ref.cov, cov2_sqrt=ref.cov_sqrt)
-    return {"fd": fd, "score": classifier_score(probs), **fraction_columns(probs)}
+    return {"fd": fd_to_reference(features, ref), "score": classifier_score(probs), **fraction_columns(probs)}
 
 
 def memorisation(samples: torch.Tensor, test_x: torch.Tensor, train_x: torch.Tensor) -> dict:
@@ -346,7 +350,7 @@ def _evaluate(samples: torch.Tensor, splits: MnistSplits, classifier, nn_train: 
     parzen = parzen_evaluation(samples, splits.val_x.to(device), splits.test_x.to(device))
     ref = reference_stats(classifier, splits.test_x)
     features, probs = classifier_outputs(classifier, samples)
-    fd = frechet_distance(*feature_stats(features), ref.mu, ref.cov, cov2_sqrt=ref.cov_sqrt)
+    fd = fd_to_reference(features, ref)
     kid_mean, kid_std = kernel_distance(features, ref.features)
     precision, recall = precision_recall(features, ref.features)
     return {"n_samples": len(samples), "parzen_ll": parzen["ll"], "parzen_se": parzen["se"],

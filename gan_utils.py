@@ -278,12 +278,12 @@ def _non_negative_int(v):
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def _positive_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-
-
 def _non_negative_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _positive_number(v):
+    return _non_negative_number(v) and v > 0
 
 
 def _unit_interval_open(v):
@@ -567,6 +567,18 @@ def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float)
     torch._foreach_lerp_(ema_params, list(model.parameters()), 1.0 - decay)
     for ema_b, b in zip(ema_model.buffers(), model.buffers()):
         ema_b.copy_(b)
+
+
+@torch.no_grad()
+def generate_images(generator: torch.nn.Module, n: int, latent_dim: int, seed: int | None = None) -> torch.Tensor:
+    """n samples of `generator` in eval mode (BatchNorm uses its running statistics), 1,000 at a time.
+
+    With a seed the latents come from their own random generator (the same images every call, the
+    training's random stream untouched); without one, from the global stream."""
+    device = next(generator.parameters()).device
+    rng = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    z = torch.randn(n, latent_dim, device=device, generator=rng)
+    return torch.cat([generator.eval()(chunk) for chunk in z.split(1000)])
 
 
 @torch.no_grad()

@@ -66,18 +66,12 @@ def lr_factor(step: int, total: int, a: argparse.Namespace) -> float:
     return 1.0 - (1.0 - a.decay_to) * (progress - a.decay_from) / (1.0 - a.decay_from)
 
 
-@torch.no_grad()
-def samples(generator, n: int, seed: int, latent_dim: int) -> torch.Tensor:
-    z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
-    return torch.cat([generator.eval()(chunk) for chunk in z.split(1000)])
-
-
 def final_scores(classifier, images: torch.Tensor, ref: gm.ReferenceStats) -> dict:
     features, probs = gm.classifier_outputs(classifier, images)
     precision, recall = gm.precision_recall(features, ref.features)
     shares = gm.class_fractions(probs)
     return {"score": gm.classifier_score(probs), "precision": precision, "recall": recall,
-            "fd": gm.frechet_distance(*gm.feature_stats(features), ref.mu, ref.cov, cov2_sqrt=ref.cov_sqrt),
+            "fd": gm.fd_to_reference(features, ref),
             "min_share": shares.min().item(), "max_share": shares.max().item(),
             "rarest_digit": shares.argmin().item(), "commonest_digit": shares.argmax().item()}
 
@@ -104,9 +98,10 @@ def main(argv=None) -> dict:
         G.train(), D.train()
         for step, real in enumerate(gu.minibatches(data.train_x, a.batch_size, a.seed, epoch), 1):
             step_total += 1
-            factor = lr_factor(step_total, a.epochs * steps_per_epoch, a)
-            gu.set_learning_rate(opt_G, a.lr_g * factor)
-            gu.set_learning_rate(opt_D, a.lr_d * factor)
+            if a.decay != "none":
+                factor = lr_factor(step_total, a.epochs * steps_per_epoch, a)
+                gu.set_learning_rate(opt_G, a.lr_g * factor)
+                gu.set_learning_rate(opt_D, a.lr_d * factor)
             nb["train_step"](G, D, opt_G, opt_D, real, latent_dim, "non_saturating", 1.0 - a.label_smoothing,
                              update_g=step % a.d_steps == 0)
             if a.r1_gamma > 0 and step % a.r1_every == 0:
@@ -116,11 +111,11 @@ def main(argv=None) -> dict:
         clock.stop()
         if sampler is G_ema:
             gu.recalibrate_batchnorm(G_ema, latent_dim, seed=a.seed)
-        quick = gm.quick_scores(classifier, samples(sampler, 2000, a.seed + 1, latent_dim), ref)
+        quick = gm.quick_scores(classifier, gu.generate_images(sampler, 2000, latent_dim, seed=a.seed + 1), ref)
         rows.append({"epoch": epoch + 1, "train_seconds": clock.elapsed(), "score": quick["score"], "fd": quick["fd"]})
         print(json.dumps(rows[-1]), flush=True)
     if a.final_samples:
-        result["final"] = final_scores(classifier, samples(sampler, a.final_samples, a.seed + 4, latent_dim), ref)
+        result["final"] = final_scores(classifier, gu.generate_images(sampler, a.final_samples, latent_dim, seed=a.seed + 4), ref)
         print(json.dumps(result["final"]), flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     gu.write_json(a.out, result)

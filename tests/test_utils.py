@@ -749,3 +749,13 @@ def test_r1_step_is_one_descent_step_on_the_weighted_penalty(nb):
     # loss = gamma / 2 * every * |w|^2  ->  gradient gamma * every * w = 8w  ->  w - 0.01 * 8w
     assert torch.allclose(D[1].weight, w * (1 - 0.08), atol=1e-6)
     assert torch.equal(real, real_before) and not real.requires_grad  # the batch itself is untouched
+
+
+def test_generate_images_is_seeded_and_leaves_the_global_stream_alone(nb):
+    torch.manual_seed(0)
+    G = nb["Generator"](16, True).train()
+    state = torch.get_rng_state()
+    a = gu.generate_images(G, 1500, 16, seed=7)  # more than one chunk of 1,000
+    b = gu.generate_images(G, 1500, 16, seed=7)
+    assert a.shape == (1500, 784) and torch.equal(a, b) and not G.training
+    assert torch.equal(torch.get_rng_state(), state)
