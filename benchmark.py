@@ -87,8 +87,9 @@ def build_models(nb: dict, cfg: dict, device: torch.device):
 
 
 def time_notebook_step(nb: dict, cfg: dict, train_x: torch.Tensor, seconds: float, amp: bool,
-                       compile_models: bool) -> dict:
-    """(a): the notebook's train_step over its minibatches, as the training cell runs it."""
+                       compile_models: bool, profile_steps: int = 0) -> dict:
+    """(a): the notebook's train_step over its minibatches, as the training cell runs it; then, if
+    profile_steps, torch.profiler over that many more steps: where the step's time goes."""
     device = train_x.device
     G, D = build_models(nb, cfg, device)
     kernel = gu.adam_kernel(device)  # as the notebook
@@ -134,8 +135,28 @@ def time_notebook_step(nb: dict, cfg: dict, train_x: torch.Tensor, seconds: floa
         epoch += 1
     sums.tolist()  # the host sync the training cell makes every log_every steps
     elapsed = time.perf_counter() - started
-    return {"images_per_s": images / elapsed, "seconds": elapsed, "images": images,
-            "flops_per_image": flops_per_step / bs, "gflops": flops_per_step / bs * images / elapsed / 1e9}
+    result = {"images_per_s": images / elapsed, "seconds": elapsed, "images": images,
+              "flops_per_image": flops_per_step / bs, "gflops": flops_per_step / bs * images / elapsed / 1e9}
+    if profile_steps:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for number in range(1, profile_steps + 1):
+                step(real, number)
+        result["profile"] = time_shares(prof.key_averages())
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return result
+
+
+# Operators grouped by what they do, for the profile's summary.
+PROFILE_GROUPS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm"), "adam": ("aten::_fused_adam_",),
+                  "ema": ("aten::lerp_",)}
+
+
+def time_shares(events) -> dict:
+    """Share of the profiled CPU time spent in each PROFILE_GROUPS group (the rest: everything else)."""
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = {group: sum(e.self_cpu_time_total for e in events if e.key in names) / total
+              for group, names in PROFILE_GROUPS.items()}
+    return {**shares, "rest": 1.0 - sum(shares.values())}
 
 
 def time_naive_pipeline(nb: dict, cfg: dict, data_dir: str, device: torch.device, seconds: float,
@@ -193,21 +214,26 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of the naive pipeline")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast in (a)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks in (a)")
+    parser.add_argument("--r1-gamma", type=float, default=None, help="override the notebook's (0: no R1 step)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing (a), profile this many of its steps and print where the time goes")
     parser.add_argument("--out", default="runs/benchmark.json")
     args = parser.parse_args(argv)
 
     cfg = notebook_defaults()
     if args.batch_size:
         cfg["batch_size"] = args.batch_size
+    if args.r1_gamma is not None:
+        cfg["r1_gamma"] = args.r1_gamma
     device = gu.pick_device(args.device)
     nb = gu.load_notebook_definitions(NOTEBOOK)
     data = gu.load_mnist(args.data_dir, device=device, download=True)
 
     peak = matmul_peak_gflops(device)
-    ours = time_notebook_step(nb, cfg, data.train_x, args.seconds, args.amp, args.compile)
+    ours = time_notebook_step(nb, cfg, data.train_x, args.seconds, args.amp, args.compile, args.profile)
     naive = time_naive_pipeline(nb, cfg, args.data_dir, device, args.seconds, args.num_workers)
     result = {
-        "device": str(device), "threads": torch.get_num_threads(), "batch_size": cfg["batch_size"],
+        "device": str(device), "threads": torch.get_num_threads(), "batch_size": cfg["batch_size"], "r1_gamma": cfg["r1_gamma"],
         "amp": args.amp, "compile": args.compile, "matmul_peak_gflops": peak,
         "notebook_step": ours, "naive_pipeline": naive,
         "speedup_vs_naive": ours["images_per_s"] / naive["images_per_s"],
@@ -217,7 +243,7 @@ def main(argv=None) -> dict:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     gu.write_json(args.out, result)
-    print(f"device {device}, {torch.get_num_threads()} threads, batch size {cfg['batch_size']}"
+    print(f"device {device}, {torch.get_num_threads()} threads, batch size {cfg['batch_size']}, r1_gamma {cfg['r1_gamma']}"
           f"{', amp' if args.amp else ''}{', compile' if args.compile else ''}\n"
           f"  matmul peak (fp32)        {peak:8.1f} GFLOP/s\n"
           f"  (a) notebook step         {ours['images_per_s']:8.0f} images/s  "
@@ -226,7 +252,9 @@ def main(argv=None) -> dict:
           f"  (b) naive pipeline        {naive['images_per_s']:8.0f} images/s  (DataLoader, {args.num_workers} workers)\n"
           f"  speed-up (a)/(b)          {result['speedup_vs_naive']:8.2f}x\n"
           f"  peak memory (RSS)         {result['peak_rss_mb']:8.0f} MB\n"
-          f"  written to {args.out}")
+          + ("  profile of (a): " + ", ".join(f"{k} {v:.0%}" for k, v in ours["profile"].items()) + "\n"
+             if args.profile else "")
+          + f"  written to {args.out}")
     return result
 
 

@@ -111,3 +111,16 @@ def test_benchmark_writes_its_figures(tmp_path, data_dir):
     assert 29e6 + 10e6 / 4 < saved["notebook_step"]["flops_per_image"] < 29e6 + 25e6 / 4
     assert result["speedup_vs_naive"] == pytest.approx(
         result["notebook_step"]["images_per_s"] / result["naive_pipeline"]["images_per_s"])
+
+
+def test_benchmark_without_r1_counts_the_plain_step_and_profiles_it(tmp_path, data_dir):
+    import benchmark
+
+    result = benchmark.main(["--data-dir", str(data_dir), "--seconds", "1", "--batch-size", "64",
+                             "--r1-gamma", "0", "--profile", "5", "--out", str(tmp_path / "bench.json")])
+    # By hand from the layer shapes: 14.486 M multiply-adds per image for a D and a G step.
+    assert result["r1_gamma"] == 0
+    assert result["notebook_step"]["flops_per_image"] == pytest.approx(28.97e6, rel=1e-3)
+    shares = result["notebook_step"]["profile"]
+    assert set(shares) == {"matmul", "adam", "ema", "rest"}
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["matmul"] > shares["ema"] > 0
