@@ -88,8 +88,14 @@ def build_models(nb: dict, cfg: dict, device: torch.device):
 
 def time_notebook_step(nb: dict, cfg: dict, train_x: torch.Tensor, seconds: float, amp: bool,
                        compile_models: bool, profile_steps: int = 0) -> dict:
-    """(a): the notebook's train_step over its minibatches, as the training cell runs it; then, if
-    profile_steps, torch.profiler over that many more steps: where the step's time goes."""
+    """(a): the notebook's train_step over its minibatches, as the training cell runs it (under its
+    `matmul_precision`); then, if profile_steps, torch.profiler over that many more steps: where the
+    step's time goes."""
+    with gu.float32_matmul_precision(cfg["matmul_precision"]):
+        return _time_notebook_step(nb, cfg, train_x, seconds, amp, compile_models, profile_steps)
+
+
+def _time_notebook_step(nb, cfg, train_x, seconds, amp, compile_models, profile_steps):
     device = train_x.device
     G, D = build_models(nb, cfg, device)
     kernel = gu.adam_kernel(device)  # as the notebook
@@ -215,6 +221,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast in (a)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks in (a)")
     parser.add_argument("--r1-gamma", type=float, default=None, help="override the notebook's (0: no R1 step)")
+    parser.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default=None,
+                        help="float32 matmul precision of (a); default: the notebook's")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after timing (a), profile this many of its steps and print where the time goes")
     parser.add_argument("--out", default="runs/benchmark.json")
@@ -225,26 +233,44 @@ def main(argv=None) -> dict:
         cfg["batch_size"] = args.batch_size
     if args.r1_gamma is not None:
         cfg["r1_gamma"] = args.r1_gamma
+    if args.matmul_precision:
+        cfg["matmul_precision"] = args.matmul_precision
     device = gu.pick_device(args.device)
     nb = gu.load_notebook_definitions(NOTEBOOK)
     data = gu.load_mnist(args.data_dir, device=device, download=True)
 
-    peak = matmul_peak_gflops(device)
+    peak = matmul_peak_gflops(device)  # plain float32: the yardstick whatever (a) runs at
+    if cfg["matmul_precision"] != "highest":
+        with gu.float32_matmul_precision(cfg["matmul_precision"]):
+            peak_at_precision = matmul_peak_gflops(device)
     ours = time_notebook_step(nb, cfg, data.train_x, args.seconds, args.amp, args.compile, args.profile)
     naive = time_naive_pipeline(nb, cfg, args.data_dir, device, args.seconds, args.num_workers)
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "batch_size": cfg["batch_size"], "r1_gamma": cfg["r1_gamma"],
-        "amp": args.amp, "compile": args.compile, "matmul_peak_gflops": peak,
+        "amp": args.amp, "compile": args.compile, "matmul_precision": cfg["matmul_precision"],
+        "matmul_peak_gflops": peak,
         "notebook_step": ours, "naive_pipeline": naive,
         "speedup_vs_naive": ours["images_per_s"] / naive["images_per_s"],
         "share_of_matmul_peak": ours["gflops"] / peak,
         "epoch_seconds_50k": 50000 / ours["images_per_s"],
         **peak_memory_mb(device), "versions": gu.library_versions(),
     }
+    extra = ""
+    if cfg["matmul_precision"] != "highest":
+        result["matmul_peak_gflops_at_precision"] = peak_at_precision
+        result["share_of_matmul_peak_at_precision"] = ours["gflops"] / peak_at_precision
+        extra += (f"  matmul peak ({cfg['matmul_precision']})    {peak_at_precision:8.1f} GFLOP/s: (a) runs at "
+                  f"{result['share_of_matmul_peak_at_precision']:.0%} of it\n")
+    if args.profile:
+        # The matmuls' own rate (all FLOPs over the time spent in matmuls): the ceiling of (a) at this
+        # batch size if everything else (Adam, EMA, activations, autograd) took no time at all.
+        result["matmul_only_share_of_peak"] = result["share_of_matmul_peak"] / ours["profile"]["matmul"]
+        extra += ("  profile of (a): " + ", ".join(f"{k} {v:.0%}" for k, v in ours["profile"].items())
+                  + f"; the matmuls alone run at {result['matmul_only_share_of_peak']:.0%} of peak\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     gu.write_json(args.out, result)
     print(f"device {device}, {torch.get_num_threads()} threads, batch size {cfg['batch_size']}, r1_gamma {cfg['r1_gamma']}"
-          f"{', amp' if args.amp else ''}{', compile' if args.compile else ''}\n"
+          f"{', amp' if args.amp else ''}{', compile' if args.compile else ''}, matmul precision {cfg['matmul_precision']}\n"
           f"  matmul peak (fp32)        {peak:8.1f} GFLOP/s\n"
           f"  (a) notebook step         {ours['images_per_s']:8.0f} images/s  "
           f"({ours['gflops']:.1f} GFLOP/s = {result['share_of_matmul_peak']:.0%} of peak, "
@@ -252,8 +278,7 @@ def main(argv=None) -> dict:
           f"  (b) naive pipeline        {naive['images_per_s']:8.0f} images/s  (DataLoader, {args.num_workers} workers)\n"
           f"  speed-up (a)/(b)          {result['speedup_vs_naive']:8.2f}x\n"
           f"  peak memory (RSS)         {result['peak_rss_mb']:8.0f} MB\n"
-          + ("  profile of (a): " + ", ".join(f"{k} {v:.0%}" for k, v in ours["profile"].items()) + "\n"
-             if args.profile else "")
+          + extra
           + f"  written to {args.out}")
     return result
 

@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="learning-rate decay to --decay-to times the rate, from --decay-from of the run")
     p.add_argument("--decay-from", type=float, default=0.0, help="fraction of the run")
     p.add_argument("--decay-to", type=float, default=0.0, help="fraction of the learning rate at the end")
+    p.add_argument("--matmul-precision", choices=("highest", "high", "medium"),
+                   default=d.get("matmul_precision", "highest"), help="for the training steps only")
     p.add_argument("--final-samples", type=int, default=10000, help="0 skips the final scores")
     return p.parse_args(argv)
 
@@ -96,18 +98,19 @@ def main(argv=None) -> dict:
     for epoch in range(a.epochs):
         clock.start()
         G.train(), D.train()
-        for step, real in enumerate(gu.minibatches(data.train_x, a.batch_size, a.seed, epoch), 1):
-            step_total += 1
-            if a.decay != "none":
-                factor = lr_factor(step_total, a.epochs * steps_per_epoch, a)
-                gu.set_learning_rate(opt_G, a.lr_g * factor)
-                gu.set_learning_rate(opt_D, a.lr_d * factor)
-            nb["train_step"](G, D, opt_G, opt_D, real, latent_dim, "non_saturating", 1.0 - a.label_smoothing,
-                             update_g=step % a.d_steps == 0)
-            if a.r1_gamma > 0 and step % a.r1_every == 0:
-                nb["r1_step"](D, opt_D, real, a.r1_gamma, a.r1_every)
-            if a.ema_decay > 0 and step % a.d_steps == 0:
-                gu.update_ema(G_ema, G, gu.ema_decay_at(step_total // a.d_steps, a.ema_decay))
+        with gu.float32_matmul_precision(a.matmul_precision):  # training only; scores in float32
+            for step, real in enumerate(gu.minibatches(data.train_x, a.batch_size, a.seed, epoch), 1):
+                step_total += 1
+                if a.decay != "none":
+                    factor = lr_factor(step_total, a.epochs * steps_per_epoch, a)
+                    gu.set_learning_rate(opt_G, a.lr_g * factor)
+                    gu.set_learning_rate(opt_D, a.lr_d * factor)
+                nb["train_step"](G, D, opt_G, opt_D, real, latent_dim, "non_saturating", 1.0 - a.label_smoothing,
+                                 update_g=step % a.d_steps == 0)
+                if a.r1_gamma > 0 and step % a.r1_every == 0:
+                    nb["r1_step"](D, opt_D, real, a.r1_gamma, a.r1_every)
+                if a.ema_decay > 0 and step % a.d_steps == 0:
+                    gu.update_ema(G_ema, G, gu.ema_decay_at(step_total // a.d_steps, a.ema_decay))
         clock.stop()
         if sampler is G_ema:
             gu.recalibrate_batchnorm(G_ema, latent_dim, seed=a.seed)

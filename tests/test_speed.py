@@ -124,3 +124,17 @@ def test_benchmark_without_r1_counts_the_plain_step_and_profiles_it(tmp_path, da
     shares = result["notebook_step"]["profile"]
     assert set(shares) == {"matmul", "adam", "ema", "rest"}
     assert sum(shares.values()) == pytest.approx(1.0) and shares["matmul"] > shares["ema"] > 0
+    # The matmuls on their own run faster than the whole step: the step's ceiling at this batch size.
+    assert result["matmul_only_share_of_peak"] == pytest.approx(result["share_of_matmul_peak"] / shares["matmul"])
+
+
+def test_benchmark_at_reduced_matmul_precision_reports_both_peaks(tmp_path, data_dir):
+    import benchmark
+
+    result = benchmark.main(["--data-dir", str(data_dir), "--seconds", "1", "--batch-size", "64",
+                             "--matmul-precision", "medium", "--out", str(tmp_path / "bench.json")])
+    assert result["matmul_precision"] == "medium"
+    assert result["matmul_peak_gflops_at_precision"] > 0
+    assert result["share_of_matmul_peak_at_precision"] == pytest.approx(
+        result["notebook_step"]["gflops"] / result["matmul_peak_gflops_at_precision"])
+    assert torch.get_float32_matmul_precision() == "highest"  # set for (a) only

@@ -79,6 +79,7 @@ def test_parameters_from_names_a_missing_parameter(defaults):
     ("r1_gamma", -1.0, "a number >= 0"),
     ("r1_gamma", float("nan"), "a number >= 0"),
     ("r1_every", 0, "an integer >= 1"),
+    ("matmul_precision", "bf16", "'highest', 'high' or 'medium'"),
     ("device", "tpu", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
     ("data_dir", None, "a directory path"),
     ("checkpoint_every", 0, "an integer >= 1"),
@@ -480,6 +481,26 @@ def test_slerp_parallel_vectors():
 # ------------------------------------------------------------------------------------------------
 # EMA, learning rate, messages, stopwatch
 # ------------------------------------------------------------------------------------------------
+
+def test_float32_matmul_precision_is_set_inside_the_block_and_restored_after_it():
+    assert torch.get_float32_matmul_precision() == "highest"
+    with gu.float32_matmul_precision("medium"):
+        assert torch.get_float32_matmul_precision() == "medium"
+    assert torch.get_float32_matmul_precision() == "highest"
+    with pytest.raises(KeyboardInterrupt), gu.float32_matmul_precision("high"):
+        raise KeyboardInterrupt  # an interrupted epoch must not leave evaluation in reduced precision
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_medium_matmul_precision_is_close_to_float32():
+    # bfloat16 inputs, float32 accumulation: about 3 significant digits, far from garbage.
+    a, b = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)), torch.randn(256, 32)
+    exact = a @ b
+    with gu.float32_matmul_precision("medium"):
+        reduced = a @ b
+    assert reduced.dtype == torch.float32
+    assert (reduced - exact).abs().max() < 0.05 * exact.abs().max()
+
 
 def test_update_ema_math():
     model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
