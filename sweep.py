@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--r1-gamma", type=float, default=d["r1_gamma"])
     p.add_argument("--r1-every", type=int, default=d["r1_every"])
     p.add_argument("--ema-decay", type=float, default=d["ema_decay"])
+    p.add_argument("--also-ema", type=float, nargs="*", default=[], metavar="DECAY",
+                   help="more EMA generators of the same run, with these decays, scored at the end")
     p.add_argument("--g-batchnorm", type=int, choices=(0, 1), default=int(d["g_batchnorm"]))
     p.add_argument("--d-dropout", type=float, default=d["d_dropout"])
     p.add_argument("--decay", choices=("none", "linear"), default="none",
@@ -92,6 +94,9 @@ def main(argv=None) -> dict:
     opt_D = torch.optim.Adam(D.parameters(), lr=a.lr_d, betas=(a.beta1, a.beta2), **gu.adam_kernel("cpu"))
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     sampler = G_ema if a.ema_decay > 0 else G
+    # Other averages of the very same training run: a controlled comparison of EMA decays (the
+    # updates read G's weights only, so they change neither the training nor its random numbers).
+    also_ema = {decay: copy.deepcopy(G).eval().requires_grad_(False) for decay in a.also_ema}
     steps_per_epoch = len(data.train_x) // a.batch_size
     clock, rows, step_total = gu.Stopwatch(), [], 0
     result = {"args": vars(a), "rows": rows}
@@ -111,6 +116,8 @@ def main(argv=None) -> dict:
                     nb["r1_step"](D, opt_D, real, a.r1_gamma, a.r1_every)
                 if a.ema_decay > 0 and step % a.d_steps == 0:
                     gu.update_ema(G_ema, G, gu.ema_decay_at(step_total // a.d_steps, a.ema_decay))
+                    for decay, averaged in also_ema.items():
+                        gu.update_ema(averaged, G, gu.ema_decay_at(step_total // a.d_steps, decay))
         clock.stop()
         if sampler is G_ema:
             gu.recalibrate_batchnorm(G_ema, latent_dim, seed=a.seed)
@@ -120,6 +127,12 @@ def main(argv=None) -> dict:
     if a.final_samples:
         result["final"] = final_scores(classifier, gu.generate_images(sampler, a.final_samples, latent_dim, seed=a.seed + 4), ref)
         print(json.dumps(result["final"]), flush=True)
+        result["final_also_ema"] = {}
+        for decay, averaged in also_ema.items():
+            gu.recalibrate_batchnorm(averaged, latent_dim, seed=a.seed)
+            images = gu.generate_images(averaged, a.final_samples, latent_dim, seed=a.seed + 4)
+            result["final_also_ema"][str(decay)] = final_scores(classifier, images, ref)
+            print(json.dumps({"ema_decay": decay, **result["final_also_ema"][str(decay)]}), flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     gu.write_json(a.out, result)
     return result

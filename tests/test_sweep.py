@@ -31,3 +31,16 @@ def test_sweep_scores_every_epoch_and_at_the_end(tmp_path, data_dir):
     assert 0 <= final["precision"] <= 1 and 0 <= final["recall"] <= 1
     assert 0 <= final["min_share"] <= 0.1 <= final["max_share"] <= 1
     assert json.loads(out.read_text())["final"] == final
+
+
+def test_sweep_scores_other_ema_decays_of_the_same_run(tmp_path, data_dir):
+    args = ["--data-dir", str(data_dir), "--train-subset", "256", "--epochs", "1", "--final-samples", "200"]
+    plain = sweep.main(args + ["--out", str(tmp_path / "plain.json")])
+    result = sweep.main(args + ["--also-ema", "0.2", "0.999", "--out", str(tmp_path / "also.json")])
+    assert result["rows"] == [{**plain["rows"][0], "train_seconds": result["rows"][0]["train_seconds"]}]  # same run
+    assert result["final"] == plain["final"]
+    assert set(result["final_also_ema"]) == {"0.2", "0.999"}
+    # The same decay as the main EMA gives the same generator, hence the same scores.
+    assert result["final_also_ema"]["0.999"] == plain["final"]
+    # 0.2 is below the warm-up's (1 + t) / (10 + t) from the second step on; 0.99 would not be within 4 steps.
+    assert result["final_also_ema"]["0.2"]["fd"] != plain["final"]["fd"]
