@@ -88,14 +88,9 @@ def build_models(nb: dict, cfg: dict, device: torch.device):
 
 def time_notebook_step(nb: dict, cfg: dict, train_x: torch.Tensor, seconds: float, amp: bool,
                        compile_models: bool, profile_steps: int = 0) -> dict:
-    """(a): the notebook's train_step over its minibatches, as the training cell runs it (under its
-    `matmul_precision`); then, if profile_steps, torch.profiler over that many more steps: where the
-    step's time goes."""
-    with gu.float32_matmul_precision(cfg["matmul_precision"]):
-        return _time_notebook_step(nb, cfg, train_x, seconds, amp, compile_models, profile_steps)
-
-
-def _time_notebook_step(nb, cfg, train_x, seconds, amp, compile_models, profile_steps):
+    """(a): the notebook's train_step over its minibatches, as the training cell runs it; then, if
+    profile_steps, torch.profiler over that many more steps: where the step's time goes. The caller
+    sets the matmul precision, as the training cell does."""
     device = train_x.device
     G, D = build_models(nb, cfg, device)
     kernel = gu.adam_kernel(device)  # as the notebook
@@ -221,7 +216,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast in (a)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks in (a)")
     parser.add_argument("--r1-gamma", type=float, default=None, help="override the notebook's (0: no R1 step)")
-    parser.add_argument("--matmul-precision", choices=("highest", "high", "medium"), default=None,
+    parser.add_argument("--matmul-precision", choices=gu.MATMUL_PRECISIONS, default=None,
                         help="float32 matmul precision of (a); default: the notebook's")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after timing (a), profile this many of its steps and print where the time goes")
@@ -240,10 +235,10 @@ def main(argv=None) -> dict:
     data = gu.load_mnist(args.data_dir, device=device, download=True)
 
     peak = matmul_peak_gflops(device)  # plain float32: the yardstick whatever (a) runs at
-    if cfg["matmul_precision"] != "highest":
-        with gu.float32_matmul_precision(cfg["matmul_precision"]):
-            peak_at_precision = matmul_peak_gflops(device)
-    ours = time_notebook_step(nb, cfg, data.train_x, args.seconds, args.amp, args.compile, args.profile)
+    reduced = cfg["matmul_precision"] != "highest"
+    with gu.float32_matmul_precision(cfg["matmul_precision"]):  # (a) only, as the notebook trains
+        peak_at_precision = matmul_peak_gflops(device) if reduced else peak
+        ours = time_notebook_step(nb, cfg, data.train_x, args.seconds, args.amp, args.compile, args.profile)
     naive = time_naive_pipeline(nb, cfg, args.data_dir, device, args.seconds, args.num_workers)
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "batch_size": cfg["batch_size"], "r1_gamma": cfg["r1_gamma"],
@@ -256,7 +251,7 @@ def main(argv=None) -> dict:
         **peak_memory_mb(device), "versions": gu.library_versions(),
     }
     extra = ""
-    if cfg["matmul_precision"] != "highest":
+    if reduced:
         result["matmul_peak_gflops_at_precision"] = peak_at_precision
         result["share_of_matmul_peak_at_precision"] = ours["gflops"] / peak_at_precision
         extra += (f"  matmul peak ({cfg['matmul_precision']})    {peak_at_precision:8.1f} GFLOP/s: (a) runs at "

@@ -298,6 +298,9 @@ def _is_str(v):
     return isinstance(v, str)
 
 
+# The values of torch.set_float32_matmul_precision (notebook parameter `matmul_precision`).
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
 # name -> (check, the allowed values in words). The notebook's parameters cell holds the defaults.
 PARAMETER_RULES = {
     "data_dir": (_is_str, "a directory path (string) that holds or will hold MNIST/raw/"),
@@ -331,7 +334,7 @@ PARAMETER_RULES = {
     "log_every": (_positive_int, "an integer >= 1 (steps)"),
     "amp": (_is_bool, "True or False"),
     "compile": (_is_bool, "True or False"),
-    "matmul_precision": (lambda v: v in ("highest", "high", "medium"), "'highest', 'high' or 'medium'"),
+    "matmul_precision": (lambda v: v in MATMUL_PRECISIONS, "'highest', 'high' or 'medium'"),
 }
 
 

@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="learning-rate decay to --decay-to times the rate, from --decay-from of the run")
     p.add_argument("--decay-from", type=float, default=0.0, help="fraction of the run")
     p.add_argument("--decay-to", type=float, default=0.0, help="fraction of the learning rate at the end")
-    p.add_argument("--matmul-precision", choices=("highest", "high", "medium"),
+    p.add_argument("--matmul-precision", choices=gu.MATMUL_PRECISIONS,
                    default=d["matmul_precision"], help="for the training steps only")
     p.add_argument("--final-samples", type=int, default=10000, help="0 skips the final scores")
     return p.parse_args(argv)
