@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--matmul-precision", choices=gu.MATMUL_PRECISIONS,
                    default=d["matmul_precision"], help="for the training steps only")
     p.add_argument("--final-samples", type=int, default=10000, help="0 skips the final scores")
+    p.add_argument("--score-at", type=int, nargs="*", default=[], metavar="EPOCH",
+                   help="also give the final scores (on --final-samples) after these epochs")
     return p.parse_args(argv)
 
 
@@ -123,6 +125,10 @@ def main(argv=None) -> dict:
             gu.recalibrate_batchnorm(G_ema, latent_dim, seed=a.seed)
         quick = gm.quick_scores(classifier, gu.generate_images(sampler, 2000, latent_dim, seed=a.seed + 1), ref)
         rows.append({"epoch": epoch + 1, "train_seconds": clock.elapsed(), "score": quick["score"], "fd": quick["fd"]})
+        if epoch + 1 in a.score_at and a.final_samples:
+            # The same samples as the final scores would take: one run gives, e.g., 60 and 80 epochs.
+            images = gu.generate_images(sampler, a.final_samples, latent_dim, seed=a.seed + 4)
+            rows[-1]["final"] = final_scores(classifier, images, ref)
         print(json.dumps(rows[-1]), flush=True)
     if a.final_samples:
         result["final"] = final_scores(classifier, gu.generate_images(sampler, a.final_samples, latent_dim, seed=a.seed + 4), ref)

@@ -44,3 +44,12 @@ def test_sweep_scores_other_ema_decays_of_the_same_run(tmp_path, data_dir):
     assert result["final_also_ema"]["0.999"] == plain["final"]
     # 0.2 is below the warm-up's (1 + t) / (10 + t) from the second step on; 0.99 would not be within 4 steps.
     assert result["final_also_ema"]["0.2"]["fd"] != plain["final"]["fd"]
+
+
+def test_sweep_gives_the_final_scores_after_chosen_epochs(tmp_path, data_dir):
+    args = ["--data-dir", str(data_dir), "--train-subset", "256", "--epochs", "2", "--final-samples", "200"]
+    result = sweep.main(args + ["--score-at", "1", "2", "--out", str(tmp_path / "at.json")])
+    assert "final" not in sweep.main(args + ["--out", str(tmp_path / "plain.json")])["rows"][0]
+    assert result["rows"][1]["final"] == result["final"]  # after the last epoch: the final scores
+    assert result["rows"][0]["final"] != result["final"]  # after epoch 1: another generator
+    assert 0 <= result["rows"][0]["final"]["recall"] <= 1
