@@ -5,13 +5,15 @@ definitions (`Generator`, `Discriminator`, `train_step`, `r1_step`, read from Va
 second copy that can drift) and the same helpers (minibatches, EMA, BatchNorm recalibration), without
 the notebook's plots, checkpoints and final Parzen evaluation. Every epoch it prints one JSON line
 with the score and Frechet distance of 2,000 samples; at the end it scores 10,000 samples (score, FD,
-precision, recall, digit shares) and writes everything to `--out`.
+precision, recall, digit shares) and writes everything to `--out`; `--score-at` gives those final
+scores after earlier epochs of the same run too.
 
 One knob here is not a notebook parameter: a learning-rate decay (`--decay linear`), which we tried
 and dropped (README). Two sweeps at once on a 2-core machine: give each `OMP_NUM_THREADS=1`.
 
     python sweep.py --epochs 12                            # the notebook's defaults, 12 epochs
     python sweep.py --epochs 40 --r1-gamma 0 --d-dropout 0.1
+    python sweep.py --epochs 80 --score-at 40 60             # one run: 40, 60 and 80 epochs
 """
 
 from __future__ import annotations
