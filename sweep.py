@@ -102,6 +102,10 @@ def main(argv=None) -> dict:
     # updates read G's weights only, so they change neither the training nor its random numbers).
     also_ema = {decay: copy.deepcopy(G).eval().requires_grad_(False) for decay in a.also_ema}
     steps_per_epoch = len(data.train_x) // a.batch_size
+
+    def final_scores_of(generator):  # the same 10,000 latents whenever and whichever generator is scored
+        return final_scores(classifier, gu.generate_images(generator, a.final_samples, latent_dim, seed=a.seed + 4), ref)
+
     clock, rows, step_total = gu.Stopwatch(), [], 0
     result = {"args": vars(a), "rows": rows}
     for epoch in range(a.epochs):
@@ -119,27 +123,26 @@ def main(argv=None) -> dict:
                 if a.r1_gamma > 0 and step % a.r1_every == 0:
                     nb["r1_step"](D, opt_D, real, a.r1_gamma, a.r1_every)
                 if a.ema_decay > 0 and step % a.d_steps == 0:
-                    gu.update_ema(G_ema, G, gu.ema_decay_at(step_total // a.d_steps, a.ema_decay))
+                    g_steps = step_total // a.d_steps
+                    gu.update_ema(G_ema, G, gu.ema_decay_at(g_steps, a.ema_decay))
                     for decay, averaged in also_ema.items():
-                        gu.update_ema(averaged, G, gu.ema_decay_at(step_total // a.d_steps, decay))
+                        gu.update_ema(averaged, G, gu.ema_decay_at(g_steps, decay))
         clock.stop()
         if sampler is G_ema:
             gu.recalibrate_batchnorm(G_ema, latent_dim, seed=a.seed)
         quick = gm.quick_scores(classifier, gu.generate_images(sampler, 2000, latent_dim, seed=a.seed + 1), ref)
         rows.append({"epoch": epoch + 1, "train_seconds": clock.elapsed(), "score": quick["score"], "fd": quick["fd"]})
-        if epoch + 1 in a.score_at and a.final_samples:
-            # The same samples as the final scores would take: one run gives, e.g., 60 and 80 epochs.
-            images = gu.generate_images(sampler, a.final_samples, latent_dim, seed=a.seed + 4)
-            rows[-1]["final"] = final_scores(classifier, images, ref)
+        if epoch + 1 in a.score_at and a.final_samples:  # one run gives, e.g., 60 and 80 epochs
+            rows[-1]["final"] = final_scores_of(sampler)
         print(json.dumps(rows[-1]), flush=True)
     if a.final_samples:
-        result["final"] = final_scores(classifier, gu.generate_images(sampler, a.final_samples, latent_dim, seed=a.seed + 4), ref)
+        # Scored already if the last epoch was in --score-at: the same generator and latents.
+        result["final"] = (rows[-1].get("final") if rows else None) or final_scores_of(sampler)
         print(json.dumps(result["final"]), flush=True)
         result["final_also_ema"] = {}
         for decay, averaged in also_ema.items():
             gu.recalibrate_batchnorm(averaged, latent_dim, seed=a.seed)
-            images = gu.generate_images(averaged, a.final_samples, latent_dim, seed=a.seed + 4)
-            result["final_also_ema"][str(decay)] = final_scores(classifier, images, ref)
+            result["final_also_ema"][str(decay)] = final_scores_of(averaged)
             print(json.dumps({"ema_decay": decay, **result["final_also_ema"][str(decay)]}), flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     gu.write_json(a.out, result)
