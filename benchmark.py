@@ -1,9 +1,9 @@
 """How fast does the notebook train, against a naive pipeline and against this machine's own limit?
 
 Measures, in one process on one machine:
-  (a) the notebook's training step (its own `train_step`, `r1_step` every `r1_every` steps, EMA update,
-      networks and default batch size, read from Vanilla_GAN.ipynb: no second copy that can drift),
-      on the dataset held as one tensor;
+  (a) the notebook's training step (its own `train_step`: Algorithm 1's D and G updates, the lazy R1
+      step every `r1_every` steps and the EMA update, with its networks and default settings, read
+      from Vanilla_GAN.ipynb: no second copy that can drift), on the dataset held as one tensor;
   (b) a naive reference pipeline, written the way typical GAN repos train: torchvision's MNIST
       Dataset with ToTensor + Normalize, a shuffling DataLoader, Sigmoid + BCELoss, a fresh noise
       batch (second G forward) for the generator step, default Adam, `.item()` every step;
@@ -12,13 +12,12 @@ It prints images/s for (a) and (b), their ratio, (a)'s FLOP rate as a share of (
 and writes the figures as JSON.
 
     python benchmark.py --data-dir /path/to/data            # CPU, the notebook's default batch size
-    python benchmark.py --device cuda --amp --compile       # the GPU switches
+    python benchmark.py --device cuda --matmul-precision high   # a GPU, with TF32 matmuls
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import time
 from pathlib import Path
@@ -31,13 +30,6 @@ from torch.utils.flop_counter import flop_registry
 import gan_utils as gu
 
 NOTEBOOK = Path(__file__).with_name("Vanilla_GAN.ipynb")
-
-
-def notebook_defaults(notebook: Path = NOTEBOOK) -> dict:
-    """The default hyperparameters: the notebook's `parameters` cell, executed on its own."""
-    namespace = {"os": os}
-    exec(gu.notebook_cells_source(notebook, "parameters"), namespace)
-    return {k: v for k, v in namespace.items() if k in gu.PARAMETER_RULES}
 
 
 def synchronize(device: torch.device) -> None:
@@ -86,31 +78,19 @@ def build_models(nb: dict, cfg: dict, device: torch.device):
     return G, D
 
 
-def time_notebook_step(nb: dict, cfg: dict, train_x: torch.Tensor, seconds: float, amp: bool,
-                       compile_models: bool, profile_steps: int = 0) -> dict:
+def time_notebook_step(nb: dict, cfg: dict, train_x: torch.Tensor, seconds: float, profile_steps: int = 0) -> dict:
     """(a): the notebook's train_step over its minibatches, as the training cell runs it; then, if
     profile_steps, torch.profiler over that many more steps: where the step's time goes. The caller
     sets the matmul precision, as the training cell does."""
     device = train_x.device
-    G, D = build_models(nb, cfg, device)
-    kernel = gu.adam_kernel(device)  # as the notebook
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg["lr_g"], betas=(cfg["beta1_g"], cfg["beta2_g"]), **kernel)
-    opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], betas=(cfg["beta1_d"], cfg["beta2_d"]), **kernel)
-    G_ema = copy.deepcopy(G).requires_grad_(False)
-    G_run, D_run = (torch.compile(G), torch.compile(D)) if compile_models else (G, D)
-    amp_dtype = torch.bfloat16 if amp else None
+    torch.manual_seed(cfg["seed"])
+    parts = nb["build_training_parts"](cfg, device)
     bs = cfg["batch_size"]
-
+    steps_per_epoch = len(train_x) // bs
     r1_every = cfg["r1_every"] if cfg["r1_gamma"] > 0 else 0
 
-    def step(real, number):
-        stats = nb["train_step"](G_run, D_run, opt_G, opt_D, real, cfg["latent_dim"], cfg["g_loss"],
-                                 1.0 - cfg["label_smoothing"], amp_dtype=amp_dtype)
-        if r1_every and number % r1_every == 0:  # as the training cell: a lazy R1 step every r1_every steps
-            nb["r1_step"](D, opt_D, real, cfg["r1_gamma"], r1_every)
-        if cfg["ema_decay"] > 0:  # the training cell updates the EMA after every G step
-            gu.update_ema(G_ema, G, cfg["ema_decay"])
-        return stats
+    def step(real, number, epoch=0):
+        return nb["train_step"](parts, real, epoch, number, steps_per_epoch, cfg)
 
     real = train_x[:bs]
     # Matmul FLOPs, forward and backward, of a plain step and of a step with the R1 penalty: on average
@@ -122,14 +102,14 @@ def time_notebook_step(nb: dict, cfg: dict, train_x: torch.Tensor, seconds: floa
         with CountFlops() as counter:
             step(real, r1_every)
         flops_per_step += (counter.flops - flops_per_step) / r1_every
-    for number in range(1, 6):  # warm-up (and compile, if on)
+    for number in range(1, 6):  # warm-up: thread pools, allocator, kernel selection
         step(real, number)
     synchronize(device)
     images, epoch, started = 0, 0, time.perf_counter()
     sums = torch.zeros(5, device=device)
     while time.perf_counter() - started < seconds:
         for number, real in enumerate(gu.minibatches(train_x, bs, cfg["seed"], epoch), 1):
-            sums += step(real, number)
+            sums += step(real, number, epoch)
             images += bs
             if images % (bs * cfg["log_every"]) == 0 and time.perf_counter() - started >= seconds:
                 break
@@ -171,8 +151,8 @@ def time_naive_pipeline(nb: dict, cfg: dict, data_dir: str, device: torch.device
                                          drop_last=True, num_workers=num_workers)
     G, D = build_models(nb, cfg, device)
     D = nn.Sequential(D, nn.Sigmoid())  # probabilities + BCELoss, as most repos do
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg["lr_g"], betas=(cfg["beta1_g"], cfg["beta2_g"]))
-    opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], betas=(cfg["beta1_d"], cfg["beta2_d"]))
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg["lr_g"], betas=(cfg["beta1"], 0.999))
+    opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], betas=(cfg["beta1"], 0.999))
     bce = nn.BCELoss()
     latent = cfg["latent_dim"]
     images, started, done = 0, time.perf_counter(), False
@@ -213,8 +193,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the notebook's")
     parser.add_argument("--seconds", type=float, default=20.0, help="timing window per pipeline")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of the naive pipeline")
-    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast in (a)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the networks in (a)")
     parser.add_argument("--r1-gamma", type=float, default=None, help="override the notebook's (0: no R1 step)")
     parser.add_argument("--matmul-precision", choices=gu.MATMUL_PRECISIONS, default=None,
                         help="float32 matmul precision of (a); default: the notebook's")
@@ -223,7 +201,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="runs/benchmark.json")
     args = parser.parse_args(argv)
 
-    cfg = notebook_defaults()
+    cfg = gu.notebook_defaults(NOTEBOOK)
     if args.batch_size:
         cfg["batch_size"] = args.batch_size
     if args.r1_gamma is not None:
@@ -238,11 +216,11 @@ def main(argv=None) -> dict:
     reduced = cfg["matmul_precision"] != "highest"
     with gu.float32_matmul_precision(cfg["matmul_precision"]):  # (a) only, as the notebook trains
         peak_at_precision = matmul_peak_gflops(device) if reduced else peak
-        ours = time_notebook_step(nb, cfg, data.train_x, args.seconds, args.amp, args.compile, args.profile)
+        ours = time_notebook_step(nb, cfg, data.train_x, args.seconds, args.profile)
     naive = time_naive_pipeline(nb, cfg, args.data_dir, device, args.seconds, args.num_workers)
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "batch_size": cfg["batch_size"], "r1_gamma": cfg["r1_gamma"],
-        "amp": args.amp, "compile": args.compile, "matmul_precision": cfg["matmul_precision"],
+        "matmul_precision": cfg["matmul_precision"],
         "matmul_peak_gflops": peak,
         "notebook_step": ours, "naive_pipeline": naive,
         "speedup_vs_naive": ours["images_per_s"] / naive["images_per_s"],
@@ -265,7 +243,7 @@ def main(argv=None) -> dict:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     gu.write_json(args.out, result)
     print(f"device {device}, {torch.get_num_threads()} threads, batch size {cfg['batch_size']}, r1_gamma {cfg['r1_gamma']}"
-          f"{', amp' if args.amp else ''}{', compile' if args.compile else ''}, matmul precision {cfg['matmul_precision']}\n"
+          f", matmul precision {cfg['matmul_precision']}\n"
           f"  matmul peak (fp32)        {peak:8.1f} GFLOP/s\n"
           f"  (a) notebook step         {ours['images_per_s']:8.0f} images/s  "
           f"({ours['gflops']:.1f} GFLOP/s = {result['share_of_matmul_peak']:.0%} of peak, "

@@ -2,8 +2,10 @@
 
 Data (MNIST in torchvision's layout, verified, held as one tensor per split), parameter checks,
 run directories, seeding and device choice, per-epoch logging, image grids and animations,
-checkpoints (atomic, `weights_only` loading), the generator's `torch.export`, and the helpers the
-notebook's training loop leans on (EMA of weights, latent interpolation, reading notebook cells).
+checkpoints (atomic, `weights_only` loading), the generator's `torch.export`, and the plumbing around
+the notebook's training loop (sampling, matmul precision, latent interpolation, reading the notebook's
+own cells for the scripts). The method itself (networks, losses, the training step, the EMA and its
+BatchNorm recalibration) is defined in the notebook, not here.
 
 No module-level state: every function takes what it needs and returns what it makes.
 """
@@ -321,10 +323,7 @@ PARAMETER_RULES = {
     "r1_every": (_positive_int, "an integer >= 1 (steps)"),
     "lr_g": (_positive_number, "a number > 0"),
     "lr_d": (_positive_number, "a number > 0"),
-    "beta1_g": (_unit_interval_open, "a number in [0, 1)"),
-    "beta1_d": (_unit_interval_open, "a number in [0, 1)"),
-    "beta2_g": (_unit_interval_open, "a number in [0, 1)"),
-    "beta2_d": (_unit_interval_open, "a number in [0, 1)"),
+    "beta1": (_unit_interval_open, "a number in [0, 1)"),
     "ema_decay": (_unit_interval_open, "a number in [0, 1); 0 turns the EMA off"),
     "checkpoint_every": (_positive_int, "an integer >= 1 (epochs)"),
     "resume": (_is_str, "'' or the path of a checkpoint.pt"),
@@ -332,10 +331,32 @@ PARAMETER_RULES = {
     "metrics_samples": (_positive_int, "an integer >= 1"),
     "eval_samples": (_non_negative_int, "0 (skip the final evaluation) or an integer >= 1"),
     "log_every": (_positive_int, "an integer >= 1 (steps)"),
-    "amp": (_is_bool, "True or False"),
-    "compile": (_is_bool, "True or False"),
     "matmul_precision": (lambda v: v in MATMUL_PRECISIONS, "'highest', 'high' or 'medium'"),
 }
+
+
+# Parameters that older versions of the notebook had: name -> why it went and what to use instead.
+# A papermill `-p` with one of them is refused with this reason; a checkpoint that recorded one still
+# resumes (retired_settings() says what no longer applies).
+RETIRED_PARAMETERS = {
+    "amp": "bfloat16 autocast had no measured gain over matmul_precision = 'medium', which stays",
+    "compile": "torch.compile trained slower than eager, on our CPU and on an H100 (docs/experiments.md)",
+    "beta1_g": "one beta1 now sets both networks' Adam beta1",
+    "beta1_d": "one beta1 now sets both networks' Adam beta1",
+    "beta2_g": "Adam's beta2 is fixed at 0.999 (0.99 changed little; docs/experiments.md)",
+    "beta2_d": "Adam's beta2 is fixed at 0.999 (0.99 changed little; docs/experiments.md)",
+}
+
+
+def retired_settings(checkpoint_config: dict, config: dict) -> list[str]:
+    """Notes for resuming a checkpoint made before some parameters were retired: one for each retired
+    setting it recorded with a value other than what training now does."""
+    now = {"amp": False, "compile": False, "beta1_g": config["beta1"], "beta1_d": config["beta1"],
+           "beta2_g": 0.999, "beta2_d": 0.999}
+    return [f"note: this checkpoint was trained with {name} = {checkpoint_config[name]!r}, a setting that "
+            f"no longer exists ({why}); training continues with {now[name]!r}."
+            for name, why in RETIRED_PARAMETERS.items()
+            if name in checkpoint_config and checkpoint_config[name] != now[name]]
 
 
 def parameters_from(namespace: dict) -> dict:
@@ -371,6 +392,9 @@ def validate_parameters(config: dict) -> None:
     """Check every parameter before any work; one error lists each bad one and what it may be."""
     problems = []
     for name, value in config.items():
+        if name in RETIRED_PARAMETERS:
+            problems.append(f"{name} is no longer a parameter: {RETIRED_PARAMETERS[name]}; drop it")
+            continue
         if name not in PARAMETER_RULES:
             close = difflib.get_close_matches(name, PARAMETER_RULES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -565,15 +589,6 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, steps: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model for parameters; buffers (BatchNorm stats) copied."""
-    ema_params = list(ema_model.parameters())
-    torch._foreach_lerp_(ema_params, list(model.parameters()), 1.0 - decay)
-    for ema_b, b in zip(ema_model.buffers(), model.buffers()):
-        ema_b.copy_(b)
-
-
-@torch.no_grad()
 def generate_images(generator: torch.nn.Module, n: int, latent_dim: int, seed: int | None = None) -> torch.Tensor:
     """n samples of `generator` in eval mode (BatchNorm uses its running statistics), 1,000 at a time.
 
@@ -583,35 +598,6 @@ def generate_images(generator: torch.nn.Module, n: int, latent_dim: int, seed: i
     rng = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     z = torch.randn(n, latent_dim, device=device, generator=rng)
     return torch.cat([generator.eval()(chunk) for chunk in z.split(1000)])
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(generator: torch.nn.Module, latent_dim: int, batches: int = 10,
-                          batch_size: int = 500, seed: int = 0) -> torch.nn.Module:
-    """Recompute the BatchNorm running statistics of `generator` for its own weights; returns it in eval mode.
-
-    The EMA generator's weights are an average over many steps, but the BatchNorm statistics it
-    inherits (update_ema copies them) belong to the training generator's current weights: a
-    mismatch that blurs samples in eval mode. As for stochastic weight averaging
-    (torch.optim.swa_utils.update_bn, used here), fresh noise is passed through in train mode and the
-    statistics are averaged over all `batches`. The noise comes from its own seeded generator, so the
-    training's random-number stream is untouched. Models without BatchNorm are left as they are.
-    """
-    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in generator.modules()):
-        device = next(generator.parameters()).device
-        rng = torch.Generator(device=device).manual_seed(seed)
-        noise = [torch.randn(batch_size, latent_dim, device=device, generator=rng) for _ in range(batches)]
-        torch.optim.swa_utils.update_bn(noise, generator)
-    return generator.eval()
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """The EMA decay to use after `step` generator steps: ramps up from 0.1 towards `decay`.
-
-    With a fixed 0.999 the average would still carry the random initial weights for thousands of
-    steps; the warm-up (as in common EMA implementations) lets it follow G closely at first.
-    """
-    return min(decay, (1 + step) / (10 + step))
 
 
 def adam_kernel(device: torch.device) -> dict:
@@ -637,12 +623,6 @@ def float32_matmul_precision(precision: str):
         torch.set_float32_matmul_precision(before)
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every parameter group's learning rate (for tweaking between runs of the training cell)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 class DivergenceError(RuntimeError):
     """Training produced NaN or inf losses."""
 
@@ -651,8 +631,8 @@ def divergence_message(step: int, epoch: int, config: dict, checkpoint: Path) ->
     return (
         f"Training diverged: a loss became NaN or inf in epoch {epoch + 1} (step {step}). The models "
         f"were rolled back to the last completed epoch, saved in {checkpoint}. Look at: lr_d "
-        f"(now {config['lr_d']}) and lr_g (now {config['lr_g']}) -- halve them; beta1_d/beta1_g "
-        f"(now {config['beta1_d']}/{config['beta1_g']}); batch_size (now {config['batch_size']}); "
+        f"(now {config['lr_d']}) and lr_g (now {config['lr_g']}) -- halve them; beta1 "
+        f"(now {config['beta1']}); batch_size (now {config['batch_size']}); "
         f"g_loss (now {config['g_loss']!r}; 'non_saturating' is the stable one). Then resume with "
         f"resume={str(checkpoint)!r}."
     )
@@ -786,7 +766,7 @@ def export_generator(generator: torch.nn.Module, latent_dim: int, path: str | os
 
 
 # --------------------------------------------------------------------------------------------
-# Reading the notebook's own code (so benchmarks and tests use the same networks)
+# Reading the notebook's own code (so scripts and tests use the same networks, step and defaults)
 # --------------------------------------------------------------------------------------------
 
 def notebook_cells_source(notebook: str | os.PathLike, tag: str) -> str:
@@ -799,11 +779,20 @@ def notebook_cells_source(notebook: str | os.PathLike, tag: str) -> str:
     return "\n\n".join(sources)
 
 
+def notebook_defaults(notebook: str | os.PathLike) -> dict:
+    """The default hyperparameters: the notebook's `parameters` cell, executed on its own."""
+    namespace = {"os": os}
+    exec(notebook_cells_source(notebook, "parameters"), namespace)
+    return {k: v for k, v in namespace.items() if k in PARAMETER_RULES}
+
+
 def load_notebook_definitions(notebook: str | os.PathLike, tag: str = "gan-core") -> dict:
     """Execute the notebook's cells tagged `tag` (class and function definitions only) in a fresh
-    namespace and return it: the networks and losses exactly as the notebook defines them. The cells
-    see torch, nn and F imported as the notebook's first cell imports them."""
+    namespace and return it: the networks, losses and training step exactly as the notebook defines
+    them. The cells see copy, torch, nn, F and gu (this module) as the notebook's first cell imports them."""
+    import copy
     import torch.nn.functional as F
-    namespace = {"__name__": "vanilla_gan_notebook", "torch": torch, "nn": torch.nn, "F": F}
+    namespace = {"__name__": "vanilla_gan_notebook", "copy": copy, "torch": torch, "nn": torch.nn, "F": F,
+                 "gu": sys.modules[__name__]}
     exec(compile(notebook_cells_source(notebook, tag), str(notebook), "exec"), namespace)
     return namespace

@@ -1,13 +1,15 @@
 """Shared fixtures: where MNIST is, disposable copies of it to damage, and running the notebook.
 
 MNIST is found through the GAN_DATA_DIR environment variable (default: data/ in the repository), a
-directory holding MNIST/raw/ in torchvision's layout. Tests that need it are skipped with a clear
-message when it is not there. The shared copy is only ever read: tests that damage files work on
-copies in their own tmp_path.
+directory holding MNIST/raw/ in torchvision's layout. Before any test runs, missing files are
+downloaded there as `make run` downloads them; when that fails the whole run stops at once with the
+message that says what to do (no test is quietly skipped). The shared copy is only ever read: tests
+that damage files work on copies in their own tmp_path.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import sys
@@ -45,20 +47,19 @@ def data_root_from_env() -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
-def mnist_present(root: Path) -> bool:
-    raw = root / "MNIST" / "raw"
-    return all((raw / n).is_file() or (raw / (n + ".gz")).is_file() for n in RAW_NAMES)
+def pytest_sessionstart(session):
+    """Every run of the suite gets MNIST the way `make run` does, or stops in seconds saying how."""
+    root = data_root_from_env()
+    try:
+        gan_utils.ensure_mnist(root, download=True, timeout=10)
+    except gan_utils.DataError as exc:
+        pytest.exit(f"The tests need MNIST. {exc}", returncode=3)
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """The directory holding MNIST/raw/ (GAN_DATA_DIR); the test is skipped when MNIST isn't there."""
-    root = data_root_from_env()
-    if not mnist_present(root):
-        pytest.skip(f"MNIST not found in {root / 'MNIST' / 'raw'} (need the four files "
-                    f"{', '.join(RAW_NAMES)}, plain or .gz): set GAN_DATA_DIR to a directory holding "
-                    "MNIST/raw/ in torchvision's layout")
-    return root
+    """The directory holding MNIST/raw/ (GAN_DATA_DIR, or data/; made complete at session start)."""
+    return data_root_from_env()
 
 
 @pytest.fixture
@@ -78,11 +79,14 @@ def make_mnist_copy(data_dir, tmp_path):
         raw.mkdir(parents=True)
         src = data_dir / "MNIST" / "raw"
         for name in names if names is not None else RAW_NAMES:
-            wanted = ([name] if plain else []) + ([name + ".gz"] if gz else [])
-            for fname in wanted:
-                if not (src / fname).is_file():
-                    pytest.skip(f"{src / fname} is not in the shared MNIST copy; this test needs it")
-                shutil.copyfile(src / fname, raw / fname)  # copyfile: no read-only mode bits copied
+            if plain and (src / name).is_file():
+                shutil.copyfile(src / name, raw / name)  # copyfile: no read-only mode bits copied
+            elif plain:  # a downloaded copy has only the .gz files: unpack one here
+                (raw / name).write_bytes(gzip.decompress((src / (name + ".gz")).read_bytes()))
+            if gz and not (src / (name + ".gz")).is_file():
+                pytest.skip(f"{src / name}.gz is not in {src} (only the unpacked file); this test needs the official .gz")
+            if gz:
+                shutil.copyfile(src / (name + ".gz"), raw / (name + ".gz"))
         return root
 
     return make
@@ -109,8 +113,8 @@ def notebook_params(tmp_path: Path, data_dir: Path, **params) -> dict:
     return full
 
 
-def run_notebook(tmp_path, data_dir=None, output=None, **params):
-    """Execute Vanilla_GAN.ipynb with papermill (tiny defaults, overridden by `params`) and return
+def run_notebook(tmp_path, data_dir=None, output=None, notebook=NOTEBOOK, **params):
+    """Execute Vanilla_GAN.ipynb (or another `notebook`) with papermill (tiny defaults, overridden by `params`) and return
     the executed notebook (a NotebookNode). Raises papermill.PapermillExecutionError when a cell
     fails; the executed notebook is written to `output` (default tmp_path/"executed.ipynb")."""
     import papermill
@@ -122,7 +126,7 @@ def run_notebook(tmp_path, data_dir=None, output=None, **params):
     saved = {k: os.environ.get(k) for k in kernel_env()}
     os.environ.update(kernel_env())  # the kernel inherits this process's environment
     try:
-        return papermill.execute_notebook(str(NOTEBOOK), str(output), parameters=full,
+        return papermill.execute_notebook(str(notebook), str(output), parameters=full,
                                           kernel_name="python3", cwd=str(REPO_ROOT), progress_bar=False)
     finally:
         for k, v in saved.items():
@@ -175,14 +179,14 @@ class NotebookRun:
         return self
 
 
-def execute_cached(tmp: Path, data: Path, **params) -> NotebookRun:
+def execute_cached(tmp: Path, data: Path, notebook=NOTEBOOK, **params) -> NotebookRun:
     import nbformat
     import papermill
 
     started = time.perf_counter()
     output = tmp / "executed.ipynb"
     try:
-        nb, error = run_notebook(tmp, data, output=output, **params), None
+        nb, error = run_notebook(tmp, data, output=output, notebook=notebook, **params), None
     except papermill.PapermillExecutionError as exc:
         nb, error = nbformat.read(output, as_version=4), exc
     return NotebookRun(nb, Path(params.get("run_dir") or tmp / "run"), error, time.perf_counter() - started)
@@ -198,10 +202,7 @@ def notebook_runs(tmp_path_factory):
     def get(**params):
         key = tuple(sorted(params.items()))
         if key not in cache:
-            data = data_root_from_env()
-            if not mnist_present(data):
-                pytest.skip(f"MNIST not found under {data}; set GAN_DATA_DIR")
-            cache[key] = execute_cached(tmp_path_factory.mktemp("nbrun"), data, **params)
+            cache[key] = execute_cached(tmp_path_factory.mktemp("nbrun"), data_root_from_env(), **params)
         return cache[key]
 
     return get

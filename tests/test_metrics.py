@@ -1,7 +1,7 @@
 """Known-answer tests for gan_metrics.py and the committed MNIST reference classifier.
 
-MNIST is found through $GAN_DATA_DIR (default data/, see conftest.py); tests that need it are
-skipped, saying so, when it is not there. Whole file: well under a minute on two CPU cores.
+MNIST is found through $GAN_DATA_DIR (default data/; conftest.py downloads it at session start or
+stops the run saying how). Whole file: well under a minute on two CPU cores.
 """
 
 import math
@@ -18,7 +18,7 @@ from mnist_classifier import DEFAULT_WEIGHTS, accuracy, load_classifier, train_c
 
 @pytest.fixture(scope="module")
 def splits(data_dir):
-    """MNIST from conftest's `data_dir` ($GAN_DATA_DIR, default data/; skips, saying why, if absent)."""
+    """MNIST from conftest's `data_dir` ($GAN_DATA_DIR, default data/; downloaded at session start if missing)."""
     return load_mnist(data_dir, download=False)
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,8 @@ import torch
 from PIL import Image
 
 import gan_utils as gu
-from conftest import NOTEBOOK, TINY_PARAMS, is_machine_column, cell_text, execute_cached, metrics_rows, notebook_text
+from conftest import (NOTEBOOK, REPO_ROOT, TINY_PARAMS, cell_text, execute_cached, is_machine_column, kernel_env,
+                      metrics_rows, notebook_text)
 
 LOSS_COLUMNS = ("d_loss", "g_loss", "d_x", "d_g_z")
 
@@ -199,6 +203,46 @@ def test_resume_equals_straight_run(run, notebook_runs, tmp_path, data_dir):
     assert gu.load_checkpoint(resumed_dir / "checkpoint.pt")["epoch"] == 4
     with Image.open(resumed_dir / "progress.gif") as gif:
         assert gif.n_frames == 4
+
+
+def test_sweep_trains_the_same_weights_as_the_notebook(run, tmp_path, data_dir):
+    # One definition of the step: sweep.py, with the notebook's seed and settings, ends where the
+    # notebook's training ended, bit for bit (same threads as the notebook's kernel).
+    weights = tmp_path / "sweep_weights.pt"
+    subprocess.run([sys.executable, "sweep.py", "--data-dir", str(data_dir), "--epochs", "2", "--final-samples", "0",
+                    "--train-subset", str(TINY_PARAMS["train_subset"]), "--batch-size", str(TINY_PARAMS["batch_size"]),
+                    "--seed", str(TINY_PARAMS["seed"]), "--save-weights", str(weights), "--out", str(tmp_path / "s.json")],
+                   cwd=REPO_ROOT, env={**os.environ, **kernel_env()}, check=True, capture_output=True)
+    swept = torch.load(weights, weights_only=True)
+    notebook = gu.load_checkpoint(run.run_dir / "checkpoint.pt")
+    for key in ("G", "D", "G_ema"):
+        for name, tensor in notebook[key].items():
+            assert torch.equal(tensor, swept[key][name]), f"{key}.{name} differs between the notebook and sweep.py"
+
+
+def notebook_that_continues(path: Path, new_settings: str) -> Path:
+    """A copy of the notebook cut after its training cell, then a new cell with `new_settings` and the
+    training cell once more: what a Jupyter user does to continue a run with other settings."""
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cut = nb.cells.index(training_cell(nb)) + 1
+    nb.cells = nb.cells[:cut] + [nbformat.v4.new_code_cell(new_settings), nbformat.v4.new_code_cell(nb.cells[cut - 1].source)]
+    nbformat.write(nb, path)
+    return path
+
+
+def test_running_the_training_cell_again_continues_with_new_settings(tmp_path, data_dir):
+    variant = notebook_that_continues(tmp_path / "continue.ipynb", "epochs += 1\nlr_g = 1e-4")
+    result = execute_cached(tmp_path, data_dir, notebook=variant, epochs=2).check()
+    rows = gu.read_metrics_csv(result.run_dir / "metrics.csv")
+    assert [row["epoch"] for row in rows] == [1.0, 2.0, 3.0]  # one more row, not a restart
+    assert [row["lr_g"] for row in rows] == [TINY_PARAMS.get("lr_g", 8e-4)] * 2 + [1e-4]
+    ck = gu.load_checkpoint(result.run_dir / "checkpoint.pt")
+    assert ck["epoch"] == 3 and ck["config"]["epochs"] == 3 and ck["config"]["lr_g"] == 1e-4
+    assert [group["lr"] for group in ck["opt_G"]["param_groups"]] == [1e-4]  # the optimizer's rate changed
+    assert [group["lr"] for group in ck["opt_D"]["param_groups"]] == [ck["config"]["lr_d"]]
+    assert "epoch   3" in cell_text(result.nb.cells[-1])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,23 +1,29 @@
-"""The recipe-sweep script behind the README's "What we tried"."""
+"""The recipe-sweep script behind docs/experiments.md."""
 
 import json
 
 import pytest
 
+import gan_utils as gu
 import sweep
 
 
-def test_lr_factor_linear_decay():
-    a = sweep.parse_args(["--decay", "linear", "--decay-from", "0.5", "--decay-to", "0.1"])
-    assert [sweep.lr_factor(s, 100, a) for s in (0, 50, 75, 100)] == pytest.approx([1.0, 1.0, 0.55, 0.1])
-    assert sweep.lr_factor(75, 100, sweep.parse_args([])) == 1.0  # no decay by default
-
-
 def test_defaults_are_the_notebooks():
-    a = sweep.parse_args([])
-    defaults = sweep.notebook_defaults()
-    assert (a.lr_g, a.r1_gamma, a.d_dropout, a.ema_decay, a.batch_size) == (
-        defaults["lr_g"], defaults["r1_gamma"], defaults["d_dropout"], defaults["ema_decay"], defaults["batch_size"])
+    defaults = gu.notebook_defaults(sweep.NOTEBOOK)
+    assert sweep.recipe(sweep.parse_args([])) == {name: defaults[name] for name in sweep.RECIPE_PARAMETERS}
+
+
+def test_options_are_typed_like_the_notebooks_parameters():
+    s = sweep.recipe(sweep.parse_args(["--g-batchnorm", "0", "--g-loss", "minimax", "--r1-every", "2", "--lr-d", "1e-3"]))
+    assert (s["g_batchnorm"], s["g_loss"], s["r1_every"], s["lr_d"]) == (False, "minimax", 2, 1e-3)
+
+
+@pytest.mark.parametrize("argv, message", [(["--beta1", "1.5"], "beta1 = 1.5"), (["--g-loss", "hinge"], "g_loss"),
+                                           (["--g-batchnorm", "maybe"], "expected 1/0")])
+def test_bad_settings_are_refused_with_the_notebooks_rules(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        sweep.parse_args(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_sweep_scores_every_epoch_and_at_the_end(tmp_path, data_dir):

@@ -22,14 +22,12 @@ from conftest import NOTEBOOK
 @pytest.fixture(scope="module")
 def defaults() -> dict:
     """The notebook's default parameters, read from its `parameters` cell."""
-    namespace = {"os": os}
-    exec(gu.notebook_cells_source(NOTEBOOK, "parameters"), namespace)
-    return gu.parameters_from(namespace)
+    return gu.parameters_from(gu.notebook_defaults(NOTEBOOK))
 
 
 @pytest.fixture(scope="module")
 def nb():
-    """The notebook's networks and losses (cells tagged gan-core)."""
+    """The notebook's networks, losses and training step (cells tagged gan-core)."""
     return gu.load_notebook_definitions(NOTEBOOK)
 
 
@@ -74,7 +72,7 @@ def test_parameters_from_names_a_missing_parameter(defaults):
     ("g_batchnorm", 1, "True or False"),
     ("d_dropout", 1.0, "a number in [0, 1)"),
     ("label_smoothing", 0.5, "a number in [0, 0.5)"),
-    ("beta1_g", 1.0, "a number in [0, 1)"),
+    ("beta1", 1.0, "a number in [0, 1)"),
     ("ema_decay", -0.1, "a number in [0, 1)"),
     ("r1_gamma", -1.0, "a number >= 0"),
     ("r1_gamma", float("nan"), "a number >= 0"),
@@ -100,6 +98,22 @@ def test_unknown_parameter_did_you_mean(defaults, typo, meant):
     msg = bad(defaults, **{typo: 1})
     assert f"unknown parameter {typo!r}" in msg
     assert f"did you mean {meant!r}" in msg
+
+
+@pytest.mark.parametrize("name", sorted(gu.RETIRED_PARAMETERS))
+def test_retired_parameter_says_why_it_went(defaults, name):
+    msg = bad(defaults, **{name: 0.9})
+    assert f"{name} is no longer a parameter: {gu.RETIRED_PARAMETERS[name]}; drop it" in msg
+
+
+def test_retired_settings_of_an_old_checkpoint(defaults):
+    old = {**defaults, "amp": True, "compile": False, "beta1_g": 0.5, "beta1_d": 0.9, "beta2_g": 0.999, "beta2_d": 0.99}
+    notes = gu.retired_settings(old, defaults)  # defaults: beta1 = 0.5
+    assert len(notes) == 3  # amp, beta1_d and beta2_d differ from what training now does
+    assert "amp = True" in notes[0] and "continues with False" in notes[0]
+    assert any("beta1_d = 0.9" in n and "continues with 0.5" in n for n in notes)
+    assert any("beta2_d = 0.99" in n and "continues with 0.999" in n for n in notes)
+    assert gu.retired_settings(defaults, defaults) == []  # a checkpoint of this version
 
 
 def test_unknown_parameter_without_close_match(defaults):
@@ -502,7 +516,7 @@ def test_medium_matmul_precision_is_close_to_float32():
     assert (reduced - exact).abs().max() < 0.05 * exact.abs().max()
 
 
-def test_update_ema_math():
+def test_update_ema_math(nb):
     model = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
     ema = copy.deepcopy(model)
     with torch.no_grad():
@@ -511,10 +525,10 @@ def test_update_ema_math():
         for p in model.parameters():
             p.fill_(1.0)
         model[1].running_mean.fill_(7.0)
-    gu.update_ema(ema, model, decay=0.9)
+    nb["update_ema"](ema, model, decay=0.9)
     for p in ema.parameters():
         assert torch.allclose(p, torch.full_like(p, 0.1))
-    gu.update_ema(ema, model, decay=0.9)
+    nb["update_ema"](ema, model, decay=0.9)
     for p in ema.parameters():
         assert torch.allclose(p, torch.full_like(p, 0.19))
     assert ema[1].running_mean.item() == 7.0  # buffers are copied, not averaged
@@ -522,13 +536,13 @@ def test_update_ema_math():
         assert torch.equal(p, torch.ones_like(p))  # the source is untouched
 
 
-def test_recalibrate_batchnorm_matches_the_noise_statistics():
+def test_recalibrate_batchnorm_matches_the_noise_statistics(nb):
     torch.manual_seed(0)
     G = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False), torch.nn.BatchNorm1d(3), torch.nn.Tanh())
     G[1].running_mean.fill_(5.0)  # stale statistics, as copied from another model's weights
     G[1].running_var.fill_(9.0)
     global_state = torch.get_rng_state()
-    assert gu.recalibrate_batchnorm(G, latent_dim=4, batches=4, batch_size=250, seed=3) is G
+    assert nb["recalibrate_batchnorm"](G, latent_dim=4, batches=4, batch_size=250, seed=3) is G
     assert not G.training
     assert torch.equal(torch.get_rng_state(), global_state)  # training's random stream untouched
     # Known answer: the statistics of the pre-BatchNorm activations over exactly that noise.
@@ -539,22 +553,21 @@ def test_recalibrate_batchnorm_matches_the_noise_statistics():
     assert torch.allclose(G[1].running_var, h.var(1).mean(0), atol=1e-6)  # each batch's unbiased variance, averaged
 
 
-def test_recalibrate_batchnorm_leaves_models_without_batchnorm_alone():
+def test_recalibrate_batchnorm_leaves_models_without_batchnorm_alone(nb):
     G = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh())
     before = copy.deepcopy(G.state_dict())
-    gu.recalibrate_batchnorm(G, latent_dim=4)
+    nb["recalibrate_batchnorm"](G, latent_dim=4)
     assert all(torch.equal(before[k], v) for k, v in G.state_dict().items()) and not G.training
 
 
-def test_set_learning_rate():
-    model = torch.nn.Linear(2, 2)
-    opt = torch.optim.Adam([{"params": [model.weight]}, {"params": [model.bias], "lr": 5.0}], lr=1.0)
-    gu.set_learning_rate(opt, 0.01)
-    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.01]
+def test_ema_decay_warms_up_towards_the_setting(nb):
+    assert nb["ema_decay_at"](0, 0.999) == pytest.approx(0.1)
+    assert nb["ema_decay_at"](90, 0.999) == pytest.approx(91 / 100)
+    assert nb["ema_decay_at"](10 ** 6, 0.999) == 0.999
 
 
 def test_divergence_and_resume_messages():
-    config = {"lr_d": 0.5, "lr_g": 0.25, "beta1_d": 0.5, "beta1_g": 0.5, "batch_size": 64, "g_loss": "minimax"}
+    config = {"lr_d": 0.5, "lr_g": 0.25, "beta1": 0.5, "batch_size": 64, "g_loss": "minimax"}
     msg = gu.divergence_message(7, 2, config, Path("/runs/x/checkpoint.pt"))
     assert "lr_d" in msg and "0.5" in msg and "lr_g" in msg and "0.25" in msg
     assert "epoch 3" in msg and "/runs/x/checkpoint.pt" in msg and "resume" in msg
@@ -619,8 +632,9 @@ def test_metrics_csv_round_trip(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_notebook_definitions_present(nb):
-    for name in ("Generator", "Discriminator", "discriminator_loss", "generator_loss", "train_step",
-                 "r1_penalty", "r1_step"):
+    for name in ("Generator", "Discriminator", "discriminator_loss", "generator_loss", "r1_penalty",
+                 "adversarial_update", "r1_step", "ema_decay_at", "update_ema", "train_step",
+                 "recalibrate_batchnorm", "build_training_parts"):
         assert name in nb, name
 
 
@@ -665,11 +679,11 @@ def changed(before, module):
 
 
 @pytest.mark.parametrize("g_loss", ["non_saturating", "minimax"])
-def test_train_step_updates_both(nb, g_loss):
+def test_adversarial_update_updates_both(nb, g_loss):
     G, D, opt_G, opt_D = make_models(nb)
     g0, d0 = weights(G), weights(D)
     real = torch.rand(32, 784) * 2 - 1
-    out = nb["train_step"](G, D, opt_G, opt_D, real, 100, g_loss)
+    out = nb["adversarial_update"](G, D, opt_G, opt_D, real, 100, g_loss)
     assert out.shape == (5,) and torch.isfinite(out).all()
     loss_d, d_x, d_gz, loss_g, g_updated = out.tolist()
     assert loss_d > 0 and 0 < d_x < 1 and 0 < d_gz < 1 and g_updated == 1.0
@@ -678,25 +692,70 @@ def test_train_step_updates_both(nb, g_loss):
     assert all(p.requires_grad for p in D.parameters())  # D unfrozen again after G's step
 
 
-def test_train_step_without_g_update(nb):
+def test_adversarial_update_without_g_update(nb):
     G, D, opt_G, opt_D = make_models(nb)
     g0, d0 = weights(G), weights(D)
-    out = nb["train_step"](G, D, opt_G, opt_D, torch.rand(32, 784) * 2 - 1, 100, update_g=False)
+    out = nb["adversarial_update"](G, D, opt_G, opt_D, torch.rand(32, 784) * 2 - 1, 100, update_g=False)
     assert torch.isfinite(out).all()
     assert out[3].item() == 0.0 and out[4].item() == 0.0
     assert not any(changed(g0, G))
     assert all(changed(d0, D))
 
 
-def test_train_step_is_deterministic(nb):
+def test_adversarial_update_is_deterministic(nb):
     outs = []
     for _ in range(2):
         G, D, opt_G, opt_D = make_models(nb, seed=3)
         real = torch.linspace(-1, 1, 16 * 784).reshape(16, 784)
         torch.manual_seed(11)
-        outs.append((nb["train_step"](G, D, opt_G, opt_D, real, 100), weights(G)))
+        outs.append((nb["adversarial_update"](G, D, opt_G, opt_D, real, 100), weights(G)))
     assert torch.equal(outs[0][0], outs[1][0])
     assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+
+
+def recipe(nb, **changes):
+    """The notebook's default settings (a smaller latent) with `changes`, and parts built from them."""
+    s = {**gu.notebook_defaults(NOTEBOOK), "latent_dim": 16, **changes}
+    torch.manual_seed(0)
+    return nb["build_training_parts"](s, "cpu"), s
+
+
+def test_train_step_schedule_of_g_r1_and_ema_steps(nb, monkeypatch):
+    # d_steps 2: G and its EMA move on every second step; R1 on multiples of r1_every; the EMA's
+    # warm-up counts G steps since training began, here in the second epoch of 10-step epochs.
+    parts, s = recipe(nb, d_steps=2, r1_every=3)
+    calls = []
+    monkeypatch.setitem(nb, "r1_step", lambda *args: calls.append("r1"))
+    monkeypatch.setitem(nb, "update_ema", lambda ema, G, decay: calls.append(("ema", decay)))
+    real = torch.rand(16, 784) * 2 - 1
+    for step in range(1, 7):
+        calls.append(step)
+        stats = nb["train_step"](parts, real, 1, step, 10, s)
+        assert stats[4].item() == float(step % 2 == 0)  # 1 when G was updated
+    ema = [("ema", nb["ema_decay_at"](g_steps, s["ema_decay"])) for g_steps in (6, 7, 8)]
+    assert calls == [1, 2, ema[0], 3, "r1", 4, ema[1], 5, 6, "r1", ema[2]]
+
+
+def test_train_step_is_the_update_then_r1_then_ema(nb):
+    (a, s), (b, _) = recipe(nb, r1_every=1), recipe(nb, r1_every=1)
+    real = torch.rand(16, 784) * 2 - 1
+    torch.manual_seed(5)
+    nb["train_step"](a, real, 0, 1, 10, s)
+    torch.manual_seed(5)
+    nb["adversarial_update"](b["G"], b["D"], b["opt_G"], b["opt_D"], real, 16, s["g_loss"], 1.0, True)
+    nb["r1_step"](b["D"], b["opt_D"], real, s["r1_gamma"], 1)
+    nb["update_ema"](b["G_ema"], b["G"], nb["ema_decay_at"](1, s["ema_decay"]))
+    for key in ("G", "D", "G_ema"):
+        for name, tensor in a[key].state_dict().items():
+            assert torch.equal(tensor, b[key].state_dict()[name]), f"{key}.{name}"
+
+
+def test_build_training_parts_uses_the_settings(nb):
+    parts, s = recipe(nb, beta1=0.3, lr_d=1e-3, g_batchnorm=False, d_dropout=0.2)
+    assert parts["opt_D"].param_groups[0]["betas"] == (0.3, 0.999) and parts["opt_D"].param_groups[0]["lr"] == 1e-3
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in parts["G"].modules())
+    assert not parts["G_ema"].training and not any(p.requires_grad for p in parts["G_ema"].parameters())
+    assert all(torch.equal(p, q) for p, q in zip(parts["G"].parameters(), parts["G_ema"].parameters()))
 
 
 def test_generator_loss_values(nb):
