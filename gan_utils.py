@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import difflib
+import errno
+import glob
 import gzip
 import hashlib
 import io
@@ -21,18 +23,29 @@ import math
 import os
 import pickle
 import platform
+import shlex
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
+
+try:  # POSIX: run directories are locked with flock; elsewhere they are not (see RunDirLock)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 # --------------------------------------------------------------------------------------------
 # Data
@@ -47,12 +60,15 @@ MNIST_MIRRORS = (
 
 @dataclass(frozen=True)
 class IdxFile:
-    """One MNIST file: its unpacked name, the official md5 of its `.gz`, and its IDX header."""
+    """One MNIST file: its unpacked name, the official md5 of its `.gz`, its IDX header, and the
+    official md5 of the unpacked file (a file of the right size and header can still hold wrong
+    pixels or labels: only the checksum proves the content)."""
 
     name: str
     gz_md5: str
     magic: int  # 2051 for images (uint8, 3 dims), 2049 for labels (uint8, 1 dim)
     count: int
+    md5: str = ""  # of the unpacked file; "" skips the check
 
     @property
     def size(self) -> int:
@@ -63,10 +79,14 @@ class IdxFile:
 
 
 MNIST_FILES = {
-    "train_images": IdxFile("train-images-idx3-ubyte", "f68b3c2dcbeaaa9fbdd348bbdeb94873", 2051, 60000),
-    "train_labels": IdxFile("train-labels-idx1-ubyte", "d53e105ee54ea40749a09fcbcd1e9432", 2049, 60000),
-    "test_images": IdxFile("t10k-images-idx3-ubyte", "9fb629c4189551a2d022fa330f9573f3", 2051, 10000),
-    "test_labels": IdxFile("t10k-labels-idx1-ubyte", "ec29112dd5afa0611ce80d1b7f02629c", 2049, 10000),
+    "train_images": IdxFile("train-images-idx3-ubyte", "f68b3c2dcbeaaa9fbdd348bbdeb94873", 2051, 60000,
+                            "6bbc9ace898e44ae57da46a324031adb"),
+    "train_labels": IdxFile("train-labels-idx1-ubyte", "d53e105ee54ea40749a09fcbcd1e9432", 2049, 60000,
+                            "a25bea736e30d166cdddb491f175f624"),
+    "test_images": IdxFile("t10k-images-idx3-ubyte", "9fb629c4189551a2d022fa330f9573f3", 2051, 10000,
+                           "2646ac647ad5339dbf082846283269ea"),
+    "test_labels": IdxFile("t10k-labels-idx1-ubyte", "ec29112dd5afa0611ce80d1b7f02629c", 2049, 10000,
+                           "27ae3e4e09519cfbb04c329615203637"),
 }
 
 # The paper's split (Goodfellow et al. 2014, and the pylearn2 code behind it): the first 50,000
@@ -117,6 +137,18 @@ def parse_idx(raw: bytes, spec: IdxFile, source: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=8)
 
 
+def check_mnist_content(array: np.ndarray, spec: IdxFile, source: Path) -> None:
+    """Refuse a file whose header is right but whose content cannot be MNIST: labels outside 0-9,
+    or images that are all one value. Says what is wrong, where the md5 check would only say "wrong"."""
+    redo = f"Delete {source} so it is downloaded (or read from its .gz) again, or replace it."
+    if spec.magic == 2049 and array.size and int(array.max()) > 9:
+        raise DataError(f"{source} holds labels up to {int(array.max())}; MNIST labels are 0-9: the "
+                        f"file is corrupt. {redo}")
+    if spec.magic == 2051 and array.size and int(array.max()) == int(array.min()):
+        raise DataError(f"{source} holds images whose pixels are all {int(array.min())}: the file is "
+                        f"corrupt. {redo}")
+
+
 def _ordinary_file_mode() -> int:
     """The mode open() would give a new file (0o666 less the umask): mkstemp's files are 0o600."""
     umask = os.umask(0)
@@ -124,53 +156,137 @@ def _ordinary_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _download(url: str, dest: Path, md5: str, timeout: float) -> None:
-    """Download to a `.part` file beside `dest`, check the md5, then rename: never half a file."""
+def _is_timeout(exc: BaseException) -> bool:
+    """A socket timeout, bare or wrapped by urllib (a connect timeout arrives as URLError(reason=timeout))."""
+    return isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError)
+
+
+def _download(url: str, dest: Path, md5: str, timeout: float, deadline: float | None = None,
+              report: Callable[[str], None] = print) -> None:
+    """Download to a `.part` file beside `dest`, check the md5, then rename: never half a file.
+
+    `timeout` bounds the connection and each read, so a mirror that accepts and then says nothing
+    fails after it; `deadline` (a time.monotonic() value) bounds the whole file, so a mirror that
+    trickles a byte at a time fails too. Progress goes to `report` every few seconds.
+    """
     with _new_file_replacing(dest, suffix=".part") as (out, tmp):
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            for block in iter(lambda: response.read(1 << 20), b""):
+            headers = getattr(response, "headers", None)
+            size = int(headers.get("Content-Length") or 0) if headers is not None else 0
+            got, last_report = 0, time.monotonic()
+            for block in iter(lambda: response.read(1 << 16), b""):
                 out.write(block)
+                got += len(block)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"not finished before the download deadline ({got:,} bytes received)")
+                if time.monotonic() - last_report > 3:
+                    report(f"  {got / 1e6:.1f}" + (f" of {size / 1e6:.1f}" if size else "") + " MB")
+                    last_report = time.monotonic()
         out.flush()
         if _md5(tmp) != md5:
             raise DataError(f"{url} downloaded with the wrong md5; try again later or another mirror.")
 
 
-def _download_gz(raw_dir: Path, spec: IdxFile, timeout: float) -> str | None:
-    """Try each mirror for `spec`'s `.gz`; return None on success, the last error otherwise."""
-    error = None
+def _download_gz(raw_dir: Path, spec: IdxFile, timeout: float, deadline: float | None = None,
+                 silent_mirrors: set | None = None, report: Callable[[str], None] = print) -> str | None:
+    """Try each mirror for `spec`'s `.gz`; return None on success, the errors otherwise.
+
+    A mirror that timed out goes into `silent_mirrors` and is not asked for the other files: one
+    dead mirror costs one timeout, not one per file.
+    """
+    silent_mirrors = set() if silent_mirrors is None else silent_mirrors
+    errors = []
     for mirror in MNIST_MIRRORS:
+        if mirror in silent_mirrors:
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            errors.append("the download deadline passed before it could be tried")
+            break
+        report(f"downloading {spec.name}.gz from {mirror} ...")
         try:
-            _download(mirror + spec.name + ".gz", raw_dir / (spec.name + ".gz"), spec.gz_md5, timeout)
+            _download(mirror + spec.name + ".gz", raw_dir / (spec.name + ".gz"), spec.gz_md5, timeout,
+                      deadline, report)
             return None
         except (urllib.error.URLError, OSError, DataError) as exc:
-            error = f"{mirror}: {exc}"
-    return error
+            if _is_timeout(exc):
+                silent_mirrors.add(mirror)
+                exc = f"did not answer within {timeout:g} s ({exc}); not asked again in this run"
+            errors.append(f"{mirror}: {exc}")
+            report(f"  failed: {errors[-1]}")
+    return "; ".join(errors) or f"every mirror had timed out before {spec.name}.gz"
+
+
+def check_data_dir(data_dir: str | os.PathLike) -> Path:
+    """Return `<data_dir>/MNIST/raw` after checking that the path is usable: a file where a directory
+    belongs, or a directory that cannot be read, gets a DataError that names it and the fix."""
+    root = Path(data_dir).expanduser()
+    raw_dir = root / "MNIST" / "raw"
+    for part in (root, root / "MNIST", raw_dir):
+        if part.exists() and not part.is_dir():
+            raise DataError(f"data_dir = {str(root)!r}: {part} is a file, not a directory. "
+                            + _how_to_point_elsewhere())
+    if raw_dir.is_dir():
+        try:
+            os.listdir(raw_dir)
+        except OSError as exc:
+            raise DataError(f"cannot read the directory {raw_dir} ({exc.strerror}): make it readable "
+                            f"(chmod -R a+rX {shlex.quote(str(root))}) or use another copy. "
+                            + _how_to_point_elsewhere()) from None
+    return raw_dir
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, or a DataError naming it when it is a directory or cannot be read."""
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, expected the MNIST file of that name (some unpacking "
+                        "tools make a folder per file): delete or rename it so the file can be read "
+                        "from its .gz or downloaded again.")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path} ({exc.strerror}): make it readable "
+                        f"(chmod a+r {shlex.quote(str(path))}) or delete it so it is downloaded again. "
+                        + _how_to_point_elsewhere()) from None
 
 
 def read_mnist_file(raw_dir: Path, spec: IdxFile) -> np.ndarray:
     """Read one MNIST file from `raw_dir`, verified: the unpacked file if present, else its `.gz`.
 
-    The unpacked file is checked by size and IDX header; the `.gz` by the official md5 first.
+    The unpacked file is checked by size, IDX header, content (labels 0-9, pixels not all one
+    value) and the official md5 of the unpacked file; the `.gz` by the official md5 first.
     """
     plain, packed = raw_dir / spec.name, raw_dir / (spec.name + ".gz")
     if plain.exists():
-        return parse_idx(plain.read_bytes(), spec, plain)
-    if _md5(packed) != spec.gz_md5:
+        raw = _read_bytes(plain)
+        array = parse_idx(raw, spec, plain)
+        check_mnist_content(array, spec, plain)
+        if spec.md5 and hashlib.md5(raw).hexdigest() != spec.md5:
+            raise DataError(
+                f"{plain} has the right size and header but not the official content (md5 "
+                f"{hashlib.md5(raw).hexdigest()}, expected {spec.md5}): the file is corrupt or "
+                f"modified. Delete {plain} so it is read from its .gz or downloaded again, or replace it."
+            )
+        return array
+    compressed = _read_bytes(packed)
+    if hashlib.md5(compressed).hexdigest() != spec.gz_md5:
         raise DataError(
             f"{packed} has the wrong md5 (expected {spec.gz_md5}): the download was cut short or "
             "the file is corrupt. Delete it and run again to download it afresh, or replace it."
         )
     # Unpacked in memory only: nothing is written next to the .gz, so nothing can be half-written.
-    return parse_idx(gzip.decompress(packed.read_bytes()), spec, packed)
+    return parse_idx(gzip.decompress(compressed), spec, packed)
 
 
-def ensure_mnist(data_dir: str | os.PathLike, download: bool = True, timeout: float = 30.0) -> Path:
+def ensure_mnist(data_dir: str | os.PathLike, download: bool = True, timeout: float = 30.0,
+                 deadline_s: float = 900.0, report: Callable[[str], None] = print) -> Path:
     """Return `<data_dir>/MNIST/raw`, downloading any missing `.gz` file into it when allowed.
 
-    Raises DataError naming the directory, the four files and the setting to change when files are
-    missing and cannot be downloaded.
+    Downloads say which mirror they use and how far they got; `timeout` bounds each connection and
+    read, `deadline_s` all downloads of this call together. Raises DataError naming the directory,
+    the four files, each mirror's failure and the setting to change when files are missing and
+    cannot be downloaded.
     """
-    raw_dir = Path(data_dir).expanduser() / "MNIST" / "raw"
+    raw_dir = check_data_dir(data_dir)
     missing = [s for s in MNIST_FILES.values()
                if not (raw_dir / s.name).exists() and not (raw_dir / (s.name + ".gz")).exists()]
     errors = []
@@ -180,7 +296,12 @@ def ensure_mnist(data_dir: str | os.PathLike, download: bool = True, timeout: fl
         except OSError as exc:
             errors.append(f"cannot create {raw_dir}: {exc}")
         else:
-            errors = [e for e in (_download_gz(raw_dir, s, timeout) for s in missing) if e]
+            deadline, silent = time.monotonic() + deadline_s, set()
+            for spec in missing:
+                remove_dead_temp_files(raw_dir / (spec.name + ".gz"), ".part")
+                error = _download_gz(raw_dir, spec, timeout, deadline, silent, report)
+                if error:
+                    errors.append(f"{spec.name}.gz: {error}")
     still_missing = [s.name for s in missing if not (raw_dir / (s.name + ".gz")).exists()]
     if still_missing:
         why = ("downloading failed (" + "; ".join(errors) + ")") if errors else "downloading is off"
@@ -680,6 +801,45 @@ class CheckpointError(RuntimeError):
     """A file is not a checkpoint of this project, or does not fit the notebook's settings."""
 
 
+class DiskFullError(OSError):
+    """A write failed for lack of space (or quota); the message says which file was left as it was."""
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (one owned by another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temp_owner(temp: Path, path: Path, suffix: str) -> int | None:
+    """The PID in a temporary name `<name>.<pid>.<random><suffix>`; None for other names."""
+    middle = temp.name[len(path.name) + 1:-len(suffix)]
+    pid = middle.split(".", 1)[0]
+    return int(pid) if pid.isdigit() and "." in middle else None
+
+
+def remove_dead_temp_files(path: str | os.PathLike, suffix: str) -> list[Path]:
+    """Delete the temporary files beside `path` (`<name>.<pid>.<random><suffix>`, as
+    _new_file_replacing names them) whose process is gone, killed while writing. Those of live
+    processes, this one's included, stay: they may be writing right now. Returns what was deleted."""
+    path = Path(path)
+    stale = []
+    for temp in path.parent.glob(f"{glob.escape(path.name)}.*{suffix}"):
+        pid = _temp_owner(temp, path, suffix)
+        if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+            temp.unlink(missing_ok=True)
+            stale.append(temp)
+    return stale
+
+
 @contextlib.contextmanager
 def _new_file_replacing(path: Path, suffix: str):
     """Yield (file, its path): a new file beside `path`. When the block ends without an error, the
@@ -690,7 +850,8 @@ def _new_file_replacing(path: Path, suffix: str):
     so the rename itself survives a power cut.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=suffix)
+    # The PID in the name tells a later cleanup whether the writer is still alive.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{os.getpid()}.", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f, Path(tmp)
