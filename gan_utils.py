@@ -3,9 +3,11 @@
 Data (MNIST in torchvision's layout, verified, held as one tensor per split), parameter checks,
 run directories, seeding and device choice, per-epoch logging, image grids and animations,
 checkpoints (atomic, `weights_only` loading), the generator's `torch.export`, and the helpers the
-notebook's training loop leans on (EMA of weights, latent interpolation, reading notebook cells).
+notebook's training loop leans on (EMA of weights, latent interpolation, stopping safely on a
+signal, reading notebook cells).
 
-No module-level state: every function takes what it needs and returns what it makes.
+No module-level state: every function takes what it needs and returns what it makes. The one
+exception is the registry of run-directory locks this process holds (see claim_run_dir).
 """
 
 from __future__ import annotations
@@ -428,7 +430,8 @@ PARAMETER_RULES = {
     "run_dir": (_is_str, "a directory path (string), or '' for runs/<date-time>/"),
     "device": (lambda v: v in ("auto", "cpu", "mps") or (isinstance(v, str) and v.startswith("cuda")),
                "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
-    "seed": (_non_negative_int, "an integer >= 0"),
+    # NumPy's seed must fit 32 bits (np.random.seed(2**32) raises), so seed_everything could not take more.
+    "seed": (lambda v: _non_negative_int(v) and v < 2 ** 32, "an integer from 0 to 2**32-1 (4294967295)"),
     "epochs": (_positive_int, "an integer >= 1"),
     "batch_size": (_positive_int, "an integer >= 1"),
     "train_subset": (_non_negative_int, "0 (all 50,000 training images) or a positive integer"),
@@ -518,6 +521,293 @@ def prepare_run_dir(run_dir: str, root: str = "runs") -> Path:
         raise ParameterError(f"run_dir = {str(path)!r} is not writable ({exc.strerror}): use a "
                              "directory you can write to, or '' for runs/<date-time>/") from exc
     return path
+
+
+# The minimum sample counts of the metrics (gan_metrics), found by reading the code and trying:
+# the Frechet distance needs a covariance (torch.cov of 1 sample is NaN and eigh then fails), and
+# precision/recall look up each point's k-th nearest neighbour besides itself (topk(k + 1), k = 3).
+FD_MIN_SAMPLES = 2
+KNN_MIN_SAMPLES = 3 + 1
+
+
+def validate_against_data(config: dict, n_train: int) -> None:
+    """Check the settings that depend on the size of the training set, after loading it and before
+    any work. One ParameterError lists every conflict with the range allowed for this data: settings
+    that would train nothing (G never updated, the R1 penalty never applied) or crash an epoch later."""
+    bs, steps = config["batch_size"], n_train // config["batch_size"]
+    data = f"{n_train:,} training images (train_subset = {config.get('train_subset', 0)})"
+    min_bs = 2 if config.get("g_batchnorm") else 1
+    problems = []
+    if steps == 0:
+        problems.append(f"batch_size = {bs} is larger than the training set, {data}: use a batch_size "
+                        f"from {min_bs} to {n_train}, or more training images (train_subset = 0 for all)")
+    elif bs < min_bs:
+        problems.append(f"batch_size = {bs} with g_batchnorm = True: BatchNorm needs at least 2 images "
+                        f"per batch; use a batch_size from 2 to {n_train}, or g_batchnorm = False")
+    if steps and config["d_steps"] > steps:
+        problems.append(f"d_steps = {config['d_steps']} but an epoch has only {steps} steps ({n_train:,} "
+                        f"images // batch_size {bs}): G is updated every d_steps steps and would never "
+                        f"train; use d_steps from 1 to {steps}, or a smaller batch_size")
+    if steps and config.get("r1_gamma", 0) > 0 and config["r1_every"] > steps:
+        problems.append(f"r1_every = {config['r1_every']} but an epoch has only {steps} steps: the R1 "
+                        f"penalty would never be applied; use r1_every from 1 to {steps}, or r1_gamma = 0 "
+                        "to turn it off")
+    if config.get("metrics_every") and config["metrics_samples"] < FD_MIN_SAMPLES:
+        problems.append(f"metrics_samples = {config['metrics_samples']}: the Frechet distance needs the "
+                        f"covariance of at least {FD_MIN_SAMPLES} samples; use metrics_samples >= "
+                        f"{FD_MIN_SAMPLES} (2,000 by default: fewer bias it upward), or metrics_every = 0")
+    evals = config.get("eval_samples", 0)
+    if 0 < evals < KNN_MIN_SAMPLES:
+        problems.append(f"eval_samples = {evals}: precision and recall (k-nearest neighbours, k = 3) "
+                        f"need at least {KNN_MIN_SAMPLES} samples; use eval_samples >= {KNN_MIN_SAMPLES}, "
+                        "or 0 to skip the final evaluation")
+    if evals and n_train < 2 * KNN_MIN_SAMPLES:
+        problems.append(f"eval_samples = {evals} with only {data}: the final evaluation scores half of "
+                        f"the training images as real samples and needs {KNN_MIN_SAMPLES} in each half; "
+                        f"use train_subset >= {2 * KNN_MIN_SAMPLES} (or 0 for all), or eval_samples = 0")
+    if problems:
+        raise ParameterError("settings that do not fit the data:\n  - " + "\n  - ".join(problems))
+
+
+def nothing_to_train_message(epochs: int, epochs_done: int) -> str | None:
+    """What the training cell says when a resumed run already has `epochs` epochs (None otherwise):
+    the later cells still run on the loaded models, so a finished run can be re-evaluated."""
+    if epochs > epochs_done:
+        return None
+    return (f"nothing to train: epochs ({epochs}) <= epochs done ({epochs_done}); raise epochs to continue")
+
+
+# Run directories: one run per directory, one process per run directory.
+
+# What a run writes into its directory besides grids/epoch_*.png: any of them means the directory
+# holds a run. The executed notebook (papermill writes it there before the run starts) and the
+# lock file are not among them.
+RUN_OUTPUTS = ("checkpoint.pt", "config.json", "metrics.csv", "metrics.json", "generator.pt2",
+               "progress.gif", "losses.png", "quality.png", "real_vs_generated.png", "interpolation.png")
+LOCK_FILE = ".lock"
+
+def resolve_run_dir(run_dir: str, resume: str = "", root: str = "runs") -> Path:
+    """The notebook's rule for where a run writes: `run_dir`; else the resumed checkpoint's own
+    directory; else runs/<date-time>/. Shared by the notebook and run_notebook.py so they agree."""
+    if run_dir:
+        return Path(run_dir).expanduser()
+    if resume:
+        return Path(os.path.dirname(os.path.abspath(Path(resume).expanduser())))
+    return Path(root) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def run_files(run_dir: str | os.PathLike) -> list[Path]:
+    """The files of a run in `run_dir` (RUN_OUTPUTS, per-epoch grids); [] when there are none."""
+    path = Path(run_dir).expanduser()
+    if not path.is_dir():
+        return []
+    return [path / n for n in RUN_OUTPUTS if (path / n).exists()] + epoch_grid_paths(path)
+
+
+def _inside(checkpoint: str | os.PathLike, run_dir: Path) -> bool:
+    """True when `checkpoint` lies directly in `run_dir` (resuming that run where it is)."""
+    parent = Path(checkpoint).expanduser().absolute().parent
+    try:
+        return parent.exists() and run_dir.exists() and os.path.samefile(parent, run_dir)
+    except OSError:
+        return False
+
+
+def _refuse_other_run(path: Path, resume: str, overwrite: bool) -> None:
+    """ParameterError when `path` holds a run that this one would overwrite or mix its files into."""
+    files = run_files(path)
+    if not files or overwrite or (resume and _inside(resume, path)):
+        return
+    names = [str(f.relative_to(path)) for f in files]
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    replace = "or set overwrite = True, which deletes the old run's checkpoint, metrics and grids first"
+    if resume:
+        raise ParameterError(
+            f"run_dir = {str(path)!r} already holds another run ({shown}), and resume = {str(resume)!r} "
+            "is not its checkpoint: the two runs' files would mix. Resume in the checkpoint's own "
+            f"directory (run_dir = '' does that) or in a new run_dir; {replace}.")
+    checkpoint = path / "checkpoint.pt"
+    cont = (f"set resume = {str(checkpoint)!r} (headless: {resume_command(checkpoint)})"
+            if checkpoint.is_file() else "there is no checkpoint.pt to resume from")
+    raise ParameterError(
+        f"run_dir = {str(path)!r} already holds a run ({shown}); a new run there would overwrite its "
+        f"checkpoint and mix its files into the new run's. To continue that run, {cont}; to start a "
+        f"new run, choose another run_dir ('' for runs/<date-time>/); {replace}.")
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _busy_message(path: Path, pid: int | None) -> str:
+    who = f"process {pid}" if pid else "another process"
+    stop = f"stop it (`kill -INT {pid}` saves its checkpoint first), " if pid else "stop it, "
+    return (f"run_dir = {str(path)!r} is in use: {who} is running there now (it holds "
+            f"{path / LOCK_FILE}). Wait for it to finish, {stop}or choose another run_dir.")
+
+
+# Locks this process holds, by directory: re-running the notebook's setup cell in the same kernel
+# gets the lock it already has instead of being refused by itself. Weak, so a lock nobody keeps is
+# released when it is garbage-collected.
+_HELD_LOCKS = weakref.WeakValueDictionary()
+
+
+def _lock_key(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def _own_lock(path: Path):
+    lock = _HELD_LOCKS.get(_lock_key(path))
+    return lock if lock is not None and lock.held and lock.pid == os.getpid() else None
+
+
+def lock_holder(run_dir: str | os.PathLike) -> int | None:
+    """The PID of another live process that holds `<run_dir>/.lock` (0 if its PID is unreadable),
+    or None when the directory is free or this process holds it. Writes nothing."""
+    path = Path(run_dir).expanduser()
+    lock_path = path / LOCK_FILE
+    if fcntl is None or not lock_path.is_file() or _own_lock(path) is not None:
+        return None
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:  # a shared lock conflicts with the holder's exclusive one; taken and dropped at once
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(fd) or 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class RunDirLock:
+    """This process's claim on a run directory: an exclusive flock on `<run_dir>/.lock`, which holds
+    the PID. Keep it in a variable as long as the run writes there (the notebook: the kernel's
+    lifetime). The OS drops the lock when the process ends, however it ends (SIGKILL included), so a
+    crashed run never leaves a stale lock; release() drops it earlier. The file itself stays:
+    deleting a lock file races with a process that has just opened it.
+    """
+
+    def __init__(self, run_dir: Path, fd: int | None):
+        self.run_dir, self.pid, self._fd = Path(run_dir), os.getpid(), fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if self.pid == os.getpid() and fcntl is not None:  # a forked child must not unlock its parent's lock
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.release()
+
+    def __repr__(self):
+        return f"RunDirLock({str(self.run_dir)!r}, pid={self.pid}, held={self.held})"
+
+
+def _acquire_lock(path: Path) -> RunDirLock:
+    """Lock `path` for this process or raise ParameterError naming the PID that holds it."""
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, _ordinary_file_mode())
+    except OSError as exc:
+        raise ParameterError(f"run_dir = {str(path)!r} is not writable ({exc.strerror}): use a "
+                             "directory you can write to, or '' for runs/<date-time>/") from None
+    if fcntl is None:  # pragma: no cover - no flock on this platform: unlocked, as before
+        os.close(fd)
+        return RunDirLock(path, None)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _read_pid(fd)
+        os.close(fd)
+        raise ParameterError(_busy_message(path, pid)) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    lock = RunDirLock(path, fd)
+    _HELD_LOCKS[_lock_key(path)] = lock
+    return lock
+
+
+def check_run_dir(run_dir: str | os.PathLike, resume: str = "", overwrite: bool = False) -> Path:
+    """Refuse, before anything is written, a run directory that is a file, that another live process
+    is writing to, or that holds a run this one is not resuming (unless `overwrite`). Writes nothing,
+    so it can run first; claim_run_dir() repeats the checks under the lock."""
+    path = Path(run_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ParameterError(f"run_dir = {str(path)!r} is a file, not a directory: use a directory "
+                             "path, or '' for runs/<date-time>/")
+    pid = lock_holder(path)
+    if pid is not None:
+        raise ParameterError(_busy_message(path, pid))
+    _refuse_other_run(path, resume, overwrite)
+    return path
+
+
+def claim_run_dir(run_dir: str | os.PathLike, resume: str = "", overwrite: bool = False) -> RunDirLock:
+    """Make `run_dir` this run's own: create it (with grids/), lock it for this process, and check
+    under the lock that it holds no run this one would overwrite; with `overwrite`, delete the old
+    run's files first. Call it after the settings, the data and the checkpoint have all been
+    checked, so a refused run has changed nothing. Returns the lock: keep it (see RunDirLock).
+
+    `resume` is the resume parameter: a checkpoint inside `run_dir` continues that run there.
+    """
+    path = check_run_dir(run_dir, resume, overwrite)
+    try:
+        (path / "grids").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ParameterError(f"run_dir = {str(path)!r} cannot be created ({exc.strerror}): use a "
+                             "directory you can write to, or '' for runs/<date-time>/") from None
+    lock = _own_lock(path)
+    fresh = lock is None
+    lock = lock or _acquire_lock(path)
+    try:
+        _refuse_other_run(path, resume, overwrite)  # again: nobody else can start there now
+        if overwrite:
+            clear_run_files(path)
+    except BaseException:
+        if fresh:
+            lock.release()
+        raise
+    return lock
+
+
+def clear_run_files(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete a run's files (RUN_OUTPUTS, grids, temporary files of dead processes) from `run_dir`;
+    other files stay. Returns what was deleted."""
+    path = Path(run_dir).expanduser()
+    gone = run_files(path)
+    for f in gone:
+        f.unlink(missing_ok=True)
+    for name in RUN_OUTPUTS:
+        gone += remove_dead_temp_files(path / name, ".tmp")
+    return gone
+
+
+def remove_grids_after(run_dir: str | os.PathLike, epoch: int) -> list[Path]:
+    """Delete grids/epoch_N.png for N > `epoch`: pictures of epochs that a resume or a rollback
+    undid, which would otherwise appear in progress.gif. Returns what was deleted."""
+    stale = [p for p in epoch_grid_paths(run_dir) if int(p.stem.split("_")[1]) > epoch]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -779,13 +1069,84 @@ def divergence_message(step: int, epoch: int, config: dict, checkpoint: Path) ->
     )
 
 
+def _double_quoted(text: str) -> str:
+    """`text` quoted for a POSIX shell, in double quotes where that is safe (easier to read)."""
+    return f'"{text}"' if not any(c in text for c in '"$`\\!') else shlex.quote(text)
+
+
+def resume_command(checkpoint: str | os.PathLike) -> str:
+    """The shell command that continues a run headless, quoted so that any path works (spaces too):
+    make passes PARAMS to the shell unquoted, so the path inside it carries its own quotes."""
+    checkpoint = Path(checkpoint)
+    params = "-p resume " + shlex.quote(str(checkpoint))
+    return f"make run RUN_DIR={shlex.quote(str(checkpoint.parent))} PARAMS={_double_quoted(params)}"
+
+
 def resume_message(checkpoint: Path, epoch: int) -> str:
+    checkpoint = Path(checkpoint)
     return (
         f"Saved {checkpoint} after epoch {epoch}. To continue: in Jupyter, run the training cell "
         f"again (or set resume = {str(checkpoint)!r} after a restart); headless, "
-        f"`make run RUN_DIR={checkpoint.parent} PARAMS=\"-p resume {checkpoint}\"` "
-        f"(papermill: `-p resume {checkpoint}`); the run continues in {checkpoint.parent}."
+        f"`{resume_command(checkpoint)}` (papermill: `-p resume {shlex.quote(str(checkpoint))}`); "
+        f"the run continues in {checkpoint.parent}."
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping safely: SIGTERM and a second interrupt
+# --------------------------------------------------------------------------------------------
+
+def _in_main_thread() -> bool:
+    """Python lets only the main thread set signal handlers."""
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside the block, SIGTERM (what `kill`, a job scheduler or a closing terminal sends) raises
+    KeyboardInterrupt in the main thread, as Ctrl-C does: the training cell's rollback-and-save path
+    runs instead of the process dying with the unfinished epoch's work and no checkpoint. The
+    previous handler is back after the block. Outside the main thread it does nothing."""
+    if not _in_main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"{signal.Signals(signum).name} received")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def interrupts_deferred(reraise: bool = True, report: Callable[[str], None] = print):
+    """Hold SIGINT and SIGTERM until the block ends: wrap the rollback's save in it, so that a
+    second Ctrl-C (or a SIGTERM) cannot cut the checkpoint short and lose the last good epoch.
+
+    Yields the list of signals held. After the block, a held signal is reported, and with `reraise`
+    turned into KeyboardInterrupt (unless the block raised already); without it, only reported -- for
+    a block that is followed by a `raise` anyway. The previous handlers are back after the block.
+    Outside the main thread it holds nothing.
+    """
+    held = []
+    if not _in_main_thread():
+        yield held
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield held
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if held:
+        names = " and ".join(dict.fromkeys(signal.Signals(s).name for s in held))
+        report(f"{names} arrived while saving; held until the save was complete.")
+        if reraise:
+            raise KeyboardInterrupt(f"{names} received (held during the save)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -793,6 +1154,8 @@ def resume_message(checkpoint: Path, epoch: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "vanilla-gan-checkpoint/1"
+# What the notebook's snapshot() puts in a checkpoint: a file without one of them cannot be resumed.
+CHECKPOINT_KEYS = ("config", "epoch", "G", "D", "G_ema", "opt_G", "opt_D", "fixed_noise", "rng", "history")
 # Settings that fix the networks' shapes: a checkpoint made with other values cannot be loaded.
 ARCHITECTURE_KEYS = ("latent_dim", "g_batchnorm")
 

@@ -69,7 +69,8 @@ def test_parameters_from_names_a_missing_parameter(defaults):
     ("epochs", 0, "an integer >= 1"),
     ("epochs", False, "an integer >= 1"),
     ("train_subset", -1, "0 (all 50,000 training images) or a positive integer"),
-    ("seed", -3, "an integer >= 0"),
+    ("seed", -3, "an integer from 0 to 2**32-1"),
+    ("seed", 2 ** 32, "an integer from 0 to 2**32-1"),  # NumPy's seed is 32 bits
     ("g_loss", "hinge", "'non_saturating' or 'minimax'"),
     ("g_batchnorm", 1, "True or False"),
     ("d_dropout", 1.0, "a number in [0, 1)"),
