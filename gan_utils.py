@@ -937,9 +937,12 @@ def label_image(img: Image.Image, text: str) -> Image.Image:
 
 
 def save_gif(frame_paths: list, path: str | os.PathLike, ms_per_frame: int = 200, labels=None) -> int:
-    """Animate PNG frames (in the given order) into a looping GIF; returns the frame count."""
+    """Animate PNG frames (in the given order) into a looping GIF; returns the frame count.
+
+    No frames (a resumed run with nothing left to train, grids deleted): writes nothing, returns 0.
+    """
     if not frame_paths:
-        raise ValueError("save_gif needs at least one frame")
+        return 0
     frames = [Image.open(p).convert("L") for p in frame_paths]
     if labels is not None:
         frames = [label_image(f, t) for f, t in zip(frames, labels)]
@@ -1235,24 +1238,65 @@ def _new_file_replacing(path: Path, suffix: str):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one, never half."""
-    with _new_file_replacing(Path(path), suffix=".tmp") as (f, _):
-        f.write(data)
+    """Write `data` to `path` so that a crash leaves either the old file or the new one, never half.
+    A full disk raises DiskFullError saying that the file was left as it was."""
+    path = Path(path)
+    try:
+        with _new_file_replacing(path, suffix=".tmp") as (f, _):
+            f.write(data)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS or isinstance(exc, DiskFullError):
+            raise
+        raise DiskFullError(exc.errno, f"{exc.strerror} while writing {path}: the file was left as it "
+                            f"was ({_free_space(path.parent)} free there). Free some space, or write "
+                            "the run to another disk (run_dir).") from exc
+
+
+def _free_space(directory: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(directory).free / 1e6:,.1f} MB"
+    except OSError:
+        return "unknown space"
+
+
+def _saved_epoch(path: Path) -> int | None:
+    """The epoch of the checkpoint at `path`, or None when there is none or it cannot be read."""
+    try:
+        return load_checkpoint(path, required_keys=("epoch",))["epoch"]
+    except (CheckpointError, KeyError, OSError):
+        return None
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> Path:
-    """Save a plain-dict checkpoint atomically, stamped with this project's format tag."""
+    """Save a plain-dict checkpoint atomically, stamped with this project's format tag.
+
+    On a full disk the previous checkpoint stays, and the DiskFullError says which epoch it holds
+    and how to resume from it once there is space.
+    """
     path = Path(path)
     buffer = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-    for stale in path.parent.glob(path.name + ".*.tmp"):  # left by a process killed mid-write
-        stale.unlink(missing_ok=True)
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except DiskFullError as exc:
+        raise DiskFullError(exc.errno, _disk_full_message(path, checkpoint.get("epoch"))) from exc
+    remove_dead_temp_files(path, ".tmp")  # left by a process killed mid-write
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint with `weights_only=True` (opening it can never run code from it)."""
+def _disk_full_message(path: Path, epoch) -> str:
+    kept = _saved_epoch(path)
+    state = (f"{path} was not changed and still holds epoch {kept}, the last good checkpoint"
+             if kept is not None else f"no checkpoint was written to {path}")
+    then = (f"then resume from it: `{resume_command(path)}` (in Jupyter: set resume = {str(path)!r})"
+            if kept is not None else "then start the run again")
+    return (f"No space left on the device while saving the checkpoint of epoch {epoch}: {state}. "
+            f"Free some space ({_free_space(path.parent)} free in {path.parent}), {then}.")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", required_keys=CHECKPOINT_KEYS) -> dict:
+    """Load a checkpoint with `weights_only=True` (opening it can never run code from it), and check
+    that it holds `required_keys`: a tagged file without them would fail later with a bare KeyError."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file; check the `resume` parameter.")
@@ -1278,6 +1322,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this project "
                               f"(no format tag {CHECKPOINT_FORMAT!r}); point `resume` at a "
                               "checkpoint.pt written by Vanilla_GAN.ipynb.")
+    missing = [key for key in required_keys if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} is a checkpoint of this project but lacks {', '.join(missing)}: "
+                              "it is incomplete or was written by other code, and cannot be resumed. "
+                              "Point `resume` at another checkpoint.pt, or start afresh with resume=''.")
     return checkpoint
 
 
@@ -1295,13 +1344,13 @@ def export_generator(generator: torch.nn.Module, latent_dim: int, path: str | os
     """Export the generator with torch.export (eval mode, dynamic batch) to a .pt2 file.
 
     Load it anywhere with `torch.export.load(path).module()`: noise (N, latent_dim) -> images
-    (N, 1, 28, 28) in [-1, 1].
+    (N, 1, 28, 28) in [-1, 1], for any batch size N >= 1 (no upper bound: memory is the limit).
     """
     import copy
     # Flat 784 pixels -> (N, 1, 28, 28), the image layout other tools expect.
     model = torch.nn.Sequential(copy.deepcopy(generator), torch.nn.Unflatten(1, (1, 28, 28))).cpu().eval()
     example = torch.randn(4, latent_dim)
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    batch = torch.export.Dim("batch", min=1)  # an upper bound would be a guard that fails above it
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
