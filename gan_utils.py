@@ -19,6 +19,7 @@ import errno
 import glob
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import math
@@ -158,6 +159,10 @@ def _ordinary_file_mode() -> int:
     return 0o666 & ~umask
 
 
+class _DeadlinePassed(TimeoutError):
+    """A download was still running when the overall deadline came."""
+
+
 def _is_timeout(exc: BaseException) -> bool:
     """A socket timeout, bare or wrapped by urllib (a connect timeout arrives as URLError(reason=timeout))."""
     return isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError)
@@ -176,11 +181,14 @@ def _download(url: str, dest: Path, md5: str, timeout: float, deadline: float | 
             headers = getattr(response, "headers", None)
             size = int(headers.get("Content-Length") or 0) if headers is not None else 0
             got, last_report = 0, time.monotonic()
-            for block in iter(lambda: response.read(1 << 16), b""):
+            # HTTP: read1 returns what has arrived, so the deadline is checked after every packet;
+            # read(n) would wait for n bytes, forever from a mirror that trickles.
+            read = response.read1 if isinstance(response, http.client.HTTPResponse) else response.read
+            for block in iter(lambda: read(1 << 16), b""):
                 out.write(block)
                 got += len(block)
                 if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"not finished before the download deadline ({got:,} bytes received)")
+                    raise _DeadlinePassed(f"not finished by the download deadline ({got:,} bytes received)")
                 if time.monotonic() - last_report > 3:
                     report(f"  {got / 1e6:.1f}" + (f" of {size / 1e6:.1f}" if size else "") + " MB")
                     last_report = time.monotonic()
@@ -212,7 +220,8 @@ def _download_gz(raw_dir: Path, spec: IdxFile, timeout: float, deadline: float |
         except (urllib.error.URLError, OSError, DataError) as exc:
             if _is_timeout(exc):
                 silent_mirrors.add(mirror)
-                exc = f"did not answer within {timeout:g} s ({exc}); not asked again in this run"
+                why = exc if isinstance(exc, _DeadlinePassed) else f"did not answer within {timeout:g} s ({exc})"
+                exc = f"{why}; not asked again in this run"
             errors.append(f"{mirror}: {exc}")
             report(f"  failed: {errors[-1]}")
     return "; ".join(errors) or f"every mirror had timed out before {spec.name}.gz"
