@@ -172,9 +172,12 @@ def execute(args, run_dir: Path, output: Path, stopper: Stopper) -> tuple[int, s
             log_output=True, progress_bar=not args.no_progress_bar, cwd=args.cwd,
             kernel_manager_class=stopper.kernel_manager_class(), on_cell_start=stopper.before_cell)
     except papermill.PapermillExecutionError as exc:
-        if stopper.signals or exc.ename == "KeyboardInterrupt":
-            signum = stopper.signals[0] if stopper.signals else signal.SIGINT
+        if stopper.signals:
+            signum = stopper.signals[0]
             return 128 + signum, f"Stopped ({signal.Signals(signum).name}). " + resume_report(run_dir)
+        if exc.ename == "KeyboardInterrupt":  # the kernel itself was interrupted or sent SIGTERM
+            return 128 + signal.SIGINT, (f"Stopped: the kernel was interrupted ({exc.evalue or 'KeyboardInterrupt'}). "
+                                         + resume_report(run_dir))
         return 1, f"A cell failed: {exc.ename}: {exc.evalue}\n{exc}"
     except StopRequested:
         signum = stopper.signals[0]
