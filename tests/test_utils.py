@@ -195,7 +195,7 @@ def test_rng_state_round_trip(tmp_path):
     # and through a checkpoint file
     gu.save_checkpoint(tmp_path / "c.pt", {"rng": state})
     torch.randn(7)
-    gu.set_rng_state(gu.load_checkpoint(tmp_path / "c.pt")["rng"])
+    gu.set_rng_state(gu.load_checkpoint(tmp_path / "c.pt", required_keys=("rng",))["rng"])
     assert torch.equal(torch.randn(10), a)
 
 
