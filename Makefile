@@ -6,7 +6,13 @@
 
 VENV ?= .venv
 PYTHON ?= python3
-RUN_DIR ?= runs/$(shell date +%Y-%m-%d_%H-%M-%S)
+# Set once (:=), so every use is the same directory; exported, so the recipe reads it as "$$RUN_DIR":
+# the shell then takes the value as one word, whatever it holds (spaces, quotes, $).
+ifndef RUN_DIR
+RUN_DIR := runs/$(shell date +%Y-%m-%d_%H-%M-%S)
+endif
+export RUN_DIR
+# Passed to the shell as written, so a value with spaces carries its own quotes: PARAMS="-p resume 'runs/my run/checkpoint.pt'"
 PARAMS ?=
 
 .PHONY: run test jupyter clean-venv
@@ -16,11 +22,11 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
 	touch $@
 
+# run_notebook.py is papermill (same notebook, output, kernel, logged output, -p parameters) plus a
+# safe stop: Ctrl-C or SIGTERM interrupts the kernel, which saves a checkpoint, and the command to
+# resume is printed here. exec: make's SIGTERM then reaches the runner itself, not a shell around it.
 run: $(VENV)/.installed
-	mkdir -p $(RUN_DIR)
-	$(VENV)/bin/papermill Vanilla_GAN.ipynb $(RUN_DIR)/Vanilla_GAN.ipynb -k python3 --log-output \
-		-p run_dir $(RUN_DIR) $(PARAMS)
-	@echo "Done: results in $(RUN_DIR)/ (executed notebook: $(RUN_DIR)/Vanilla_GAN.ipynb)"
+	exec $(VENV)/bin/python run_notebook.py Vanilla_GAN.ipynb -p run_dir "$$RUN_DIR" $(PARAMS)
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q tests

@@ -3,11 +3,12 @@
 Data (MNIST in torchvision's layout, verified, held as one tensor per split), parameter checks,
 run directories, seeding and device choice, per-epoch logging, image grids and animations,
 checkpoints (atomic, `weights_only` loading), the generator's `torch.export`, and the plumbing around
-the notebook's training loop (sampling, matmul precision, latent interpolation, reading the notebook's
-own cells for the scripts). The method itself (networks, losses, the training step, the EMA and its
-BatchNorm recalibration) is defined in the notebook, not here.
+the notebook's training loop (sampling, matmul precision, latent interpolation, stopping safely on a
+signal, reading the notebook's own cells for the scripts). The method itself (networks, losses, the
+training step, the EMA and its BatchNorm recalibration) is defined in the notebook, not here.
 
-No module-level state: every function takes what it needs and returns what it makes.
+No module-level state: every function takes what it needs and returns what it makes. The one
+exception is the registry of run-directory locks this process holds (see claim_run_dir).
 """
 
 from __future__ import annotations
@@ -15,26 +16,40 @@ from __future__ import annotations
 import contextlib
 import csv
 import difflib
+import errno
+import glob
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import math
 import os
 import pickle
 import platform
+import shlex
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
+
+try:  # POSIX: run directories are locked with flock; elsewhere they are not (see RunDirLock)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 # --------------------------------------------------------------------------------------------
 # Data
@@ -49,12 +64,15 @@ MNIST_MIRRORS = (
 
 @dataclass(frozen=True)
 class IdxFile:
-    """One MNIST file: its unpacked name, the official md5 of its `.gz`, and its IDX header."""
+    """One MNIST file: its unpacked name, the official md5 of its `.gz`, its IDX header, and the
+    official md5 of the unpacked file (a file of the right size and header can still hold wrong
+    pixels or labels: only the checksum proves the content)."""
 
     name: str
     gz_md5: str
     magic: int  # 2051 for images (uint8, 3 dims), 2049 for labels (uint8, 1 dim)
     count: int
+    md5: str = ""  # of the unpacked file; "" skips the check
 
     @property
     def size(self) -> int:
@@ -65,10 +83,14 @@ class IdxFile:
 
 
 MNIST_FILES = {
-    "train_images": IdxFile("train-images-idx3-ubyte", "f68b3c2dcbeaaa9fbdd348bbdeb94873", 2051, 60000),
-    "train_labels": IdxFile("train-labels-idx1-ubyte", "d53e105ee54ea40749a09fcbcd1e9432", 2049, 60000),
-    "test_images": IdxFile("t10k-images-idx3-ubyte", "9fb629c4189551a2d022fa330f9573f3", 2051, 10000),
-    "test_labels": IdxFile("t10k-labels-idx1-ubyte", "ec29112dd5afa0611ce80d1b7f02629c", 2049, 10000),
+    "train_images": IdxFile("train-images-idx3-ubyte", "f68b3c2dcbeaaa9fbdd348bbdeb94873", 2051, 60000,
+                            "6bbc9ace898e44ae57da46a324031adb"),
+    "train_labels": IdxFile("train-labels-idx1-ubyte", "d53e105ee54ea40749a09fcbcd1e9432", 2049, 60000,
+                            "a25bea736e30d166cdddb491f175f624"),
+    "test_images": IdxFile("t10k-images-idx3-ubyte", "9fb629c4189551a2d022fa330f9573f3", 2051, 10000,
+                           "2646ac647ad5339dbf082846283269ea"),
+    "test_labels": IdxFile("t10k-labels-idx1-ubyte", "ec29112dd5afa0611ce80d1b7f02629c", 2049, 10000,
+                           "27ae3e4e09519cfbb04c329615203637"),
 }
 
 # The paper's split (Goodfellow et al. 2014, and the pylearn2 code behind it): the first 50,000
@@ -119,6 +141,18 @@ def parse_idx(raw: bytes, spec: IdxFile, source: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=8)
 
 
+def check_mnist_content(array: np.ndarray, spec: IdxFile, source: Path) -> None:
+    """Refuse a file whose header is right but whose content cannot be MNIST: labels outside 0-9,
+    or images that are all one value. Says what is wrong, where the md5 check would only say "wrong"."""
+    redo = f"Delete {source} so it is downloaded (or read from its .gz) again, or replace it."
+    if spec.magic == 2049 and array.size and int(array.max()) > 9:
+        raise DataError(f"{source} holds labels up to {int(array.max())}; MNIST labels are 0-9: the "
+                        f"file is corrupt. {redo}")
+    if spec.magic == 2051 and array.size and int(array.max()) == int(array.min()):
+        raise DataError(f"{source} holds images whose pixels are all {int(array.min())}: the file is "
+                        f"corrupt. {redo}")
+
+
 def _ordinary_file_mode() -> int:
     """The mode open() would give a new file (0o666 less the umask): mkstemp's files are 0o600."""
     umask = os.umask(0)
@@ -126,53 +160,145 @@ def _ordinary_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _download(url: str, dest: Path, md5: str, timeout: float) -> None:
-    """Download to a `.part` file beside `dest`, check the md5, then rename: never half a file."""
+class _DeadlinePassed(TimeoutError):
+    """A download was still running when the overall deadline came."""
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """A socket timeout, bare or wrapped by urllib (a connect timeout arrives as URLError(reason=timeout))."""
+    return isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError)
+
+
+def _download(url: str, dest: Path, md5: str, timeout: float, deadline: float | None = None,
+              report: Callable[[str], None] = print) -> None:
+    """Download to a `.part` file beside `dest`, check the md5, then rename: never half a file.
+
+    `timeout` bounds the connection and each read, so a mirror that accepts and then says nothing
+    fails after it; `deadline` (a time.monotonic() value) bounds the whole file, so a mirror that
+    trickles a byte at a time fails too. Progress goes to `report` every few seconds.
+    """
     with _new_file_replacing(dest, suffix=".part") as (out, tmp):
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            for block in iter(lambda: response.read(1 << 20), b""):
+            headers = getattr(response, "headers", None)
+            size = int(headers.get("Content-Length") or 0) if headers is not None else 0
+            got, last_report = 0, time.monotonic()
+            # HTTP: read1 returns what has arrived, so the deadline is checked after every packet;
+            # read(n) would wait for n bytes, forever from a mirror that trickles.
+            read = response.read1 if isinstance(response, http.client.HTTPResponse) else response.read
+            for block in iter(lambda: read(1 << 16), b""):
                 out.write(block)
+                got += len(block)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise _DeadlinePassed(f"not finished by the download deadline ({got:,} bytes received)")
+                if time.monotonic() - last_report > 3:
+                    report(f"  {got / 1e6:.1f}" + (f" of {size / 1e6:.1f}" if size else "") + " MB")
+                    last_report = time.monotonic()
         out.flush()
         if _md5(tmp) != md5:
             raise DataError(f"{url} downloaded with the wrong md5; try again later or another mirror.")
 
 
-def _download_gz(raw_dir: Path, spec: IdxFile, timeout: float) -> str | None:
-    """Try each mirror for `spec`'s `.gz`; return None on success, the last error otherwise."""
-    error = None
+def _download_gz(raw_dir: Path, spec: IdxFile, timeout: float, deadline: float | None = None,
+                 silent_mirrors: set | None = None, report: Callable[[str], None] = print) -> str | None:
+    """Try each mirror for `spec`'s `.gz`; return None on success, the errors otherwise.
+
+    A mirror that timed out goes into `silent_mirrors` and is not asked for the other files: one
+    dead mirror costs one timeout, not one per file.
+    """
+    silent_mirrors = set() if silent_mirrors is None else silent_mirrors
+    errors = []
     for mirror in MNIST_MIRRORS:
+        if mirror in silent_mirrors:
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            errors.append("the download deadline passed before it could be tried")
+            break
+        report(f"downloading {spec.name}.gz from {mirror} ...")
         try:
-            _download(mirror + spec.name + ".gz", raw_dir / (spec.name + ".gz"), spec.gz_md5, timeout)
+            _download(mirror + spec.name + ".gz", raw_dir / (spec.name + ".gz"), spec.gz_md5, timeout,
+                      deadline, report)
             return None
         except (urllib.error.URLError, OSError, DataError) as exc:
-            error = f"{mirror}: {exc}"
-    return error
+            if _is_timeout(exc):
+                silent_mirrors.add(mirror)
+                why = exc if isinstance(exc, _DeadlinePassed) else f"did not answer within {timeout:g} s ({exc})"
+                exc = f"{why}; not asked again in this run"
+            errors.append(f"{mirror}: {exc}")
+            report(f"  failed: {errors[-1]}")
+    return "; ".join(errors) or f"every mirror had timed out before {spec.name}.gz"
+
+
+def check_data_dir(data_dir: str | os.PathLike) -> Path:
+    """Return `<data_dir>/MNIST/raw` after checking that the path is usable: a file where a directory
+    belongs, or a directory that cannot be read, gets a DataError that names it and the fix."""
+    root = Path(data_dir).expanduser()
+    raw_dir = root / "MNIST" / "raw"
+    for part in (root, root / "MNIST", raw_dir):
+        if part.exists() and not part.is_dir():
+            raise DataError(f"data_dir = {str(root)!r}: {part} is a file, not a directory. "
+                            + _how_to_point_elsewhere())
+    if raw_dir.is_dir():
+        try:
+            os.listdir(raw_dir)
+        except OSError as exc:
+            raise DataError(f"cannot read the directory {raw_dir} ({exc.strerror}): make it readable "
+                            f"(chmod -R a+rX {shlex.quote(str(root))}) or use another copy. "
+                            + _how_to_point_elsewhere()) from None
+    return raw_dir
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, or a DataError naming it when it is a directory or cannot be read."""
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, expected the MNIST file of that name (some unpacking "
+                        "tools make a folder per file): delete or rename it so the file can be read "
+                        "from its .gz or downloaded again.")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path} ({exc.strerror}): make it readable "
+                        f"(chmod a+r {shlex.quote(str(path))}) or delete it so it is downloaded again. "
+                        + _how_to_point_elsewhere()) from None
 
 
 def read_mnist_file(raw_dir: Path, spec: IdxFile) -> np.ndarray:
     """Read one MNIST file from `raw_dir`, verified: the unpacked file if present, else its `.gz`.
 
-    The unpacked file is checked by size and IDX header; the `.gz` by the official md5 first.
+    The unpacked file is checked by size, IDX header, content (labels 0-9, pixels not all one
+    value) and the official md5 of the unpacked file; the `.gz` by the official md5 first.
     """
     plain, packed = raw_dir / spec.name, raw_dir / (spec.name + ".gz")
     if plain.exists():
-        return parse_idx(plain.read_bytes(), spec, plain)
-    if _md5(packed) != spec.gz_md5:
+        raw = _read_bytes(plain)
+        array = parse_idx(raw, spec, plain)
+        check_mnist_content(array, spec, plain)
+        if spec.md5 and hashlib.md5(raw).hexdigest() != spec.md5:
+            raise DataError(
+                f"{plain} has the right size and header but not the official content (md5 "
+                f"{hashlib.md5(raw).hexdigest()}, expected {spec.md5}): the file is corrupt or "
+                f"modified. Delete {plain} so it is read from its .gz or downloaded again, or replace it."
+            )
+        return array
+    compressed = _read_bytes(packed)
+    if hashlib.md5(compressed).hexdigest() != spec.gz_md5:
         raise DataError(
             f"{packed} has the wrong md5 (expected {spec.gz_md5}): the download was cut short or "
             "the file is corrupt. Delete it and run again to download it afresh, or replace it."
         )
     # Unpacked in memory only: nothing is written next to the .gz, so nothing can be half-written.
-    return parse_idx(gzip.decompress(packed.read_bytes()), spec, packed)
+    return parse_idx(gzip.decompress(compressed), spec, packed)
 
 
-def ensure_mnist(data_dir: str | os.PathLike, download: bool = True, timeout: float = 30.0) -> Path:
+def ensure_mnist(data_dir: str | os.PathLike, download: bool = True, timeout: float = 30.0,
+                 deadline_s: float = 900.0, report: Callable[[str], None] = print) -> Path:
     """Return `<data_dir>/MNIST/raw`, downloading any missing `.gz` file into it when allowed.
 
-    Raises DataError naming the directory, the four files and the setting to change when files are
-    missing and cannot be downloaded.
+    Downloads say which mirror they use and how far they got; `timeout` bounds each connection and
+    read, `deadline_s` all downloads of this call together. Raises DataError naming the directory,
+    the four files, each mirror's failure and the setting to change when files are missing and
+    cannot be downloaded.
     """
-    raw_dir = Path(data_dir).expanduser() / "MNIST" / "raw"
+    raw_dir = check_data_dir(data_dir)
     missing = [s for s in MNIST_FILES.values()
                if not (raw_dir / s.name).exists() and not (raw_dir / (s.name + ".gz")).exists()]
     errors = []
@@ -182,7 +308,12 @@ def ensure_mnist(data_dir: str | os.PathLike, download: bool = True, timeout: fl
         except OSError as exc:
             errors.append(f"cannot create {raw_dir}: {exc}")
         else:
-            errors = [e for e in (_download_gz(raw_dir, s, timeout) for s in missing) if e]
+            deadline, silent = time.monotonic() + deadline_s, set()
+            for spec in missing:
+                remove_dead_temp_files(raw_dir / (spec.name + ".gz"), ".part")
+                error = _download_gz(raw_dir, spec, timeout, deadline, silent, report)
+                if error:
+                    errors.append(f"{spec.name}.gz: {error}")
     still_missing = [s.name for s in missing if not (raw_dir / (s.name + ".gz")).exists()]
     if still_missing:
         why = ("downloading failed (" + "; ".join(errors) + ")") if errors else "downloading is off"
@@ -309,7 +440,8 @@ PARAMETER_RULES = {
     "run_dir": (_is_str, "a directory path (string), or '' for runs/<date-time>/"),
     "device": (lambda v: v in ("auto", "cpu", "mps") or (isinstance(v, str) and v.startswith("cuda")),
                "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
-    "seed": (_non_negative_int, "an integer >= 0"),
+    # NumPy's seed must fit 32 bits (np.random.seed(2**32) raises), so seed_everything could not take more.
+    "seed": (lambda v: _non_negative_int(v) and v < 2 ** 32, "an integer from 0 to 2**32-1 (4294967295)"),
     "epochs": (_positive_int, "an integer >= 1"),
     "batch_size": (_positive_int, "an integer >= 1"),
     "train_subset": (_non_negative_int, "0 (all 50,000 training images) or a positive integer"),
@@ -421,6 +553,293 @@ def prepare_run_dir(run_dir: str, root: str = "runs") -> Path:
         raise ParameterError(f"run_dir = {str(path)!r} is not writable ({exc.strerror}): use a "
                              "directory you can write to, or '' for runs/<date-time>/") from exc
     return path
+
+
+# The minimum sample counts of the metrics (gan_metrics), found by reading the code and trying:
+# the Frechet distance needs a covariance (torch.cov of 1 sample is NaN and eigh then fails), and
+# precision/recall look up each point's k-th nearest neighbour besides itself (topk(k + 1), k = 3).
+FD_MIN_SAMPLES = 2
+KNN_MIN_SAMPLES = 3 + 1
+
+
+def validate_against_data(config: dict, n_train: int) -> None:
+    """Check the settings that depend on the size of the training set, after loading it and before
+    any work. One ParameterError lists every conflict with the range allowed for this data: settings
+    that would train nothing (G never updated, the R1 penalty never applied) or crash an epoch later."""
+    bs, steps = config["batch_size"], n_train // config["batch_size"]
+    data = f"{n_train:,} training images (train_subset = {config.get('train_subset', 0)})"
+    min_bs = 2 if config.get("g_batchnorm") else 1
+    problems = []
+    if steps == 0:
+        problems.append(f"batch_size = {bs} is larger than the training set, {data}: use a batch_size "
+                        f"from {min_bs} to {n_train}, or more training images (train_subset = 0 for all)")
+    elif bs < min_bs:
+        problems.append(f"batch_size = {bs} with g_batchnorm = True: BatchNorm needs at least 2 images "
+                        f"per batch; use a batch_size from 2 to {n_train}, or g_batchnorm = False")
+    if steps and config["d_steps"] > steps:
+        problems.append(f"d_steps = {config['d_steps']} but an epoch has only {steps} steps ({n_train:,} "
+                        f"images // batch_size {bs}): G is updated every d_steps steps and would never "
+                        f"train; use d_steps from 1 to {steps}, or a smaller batch_size")
+    if steps and config.get("r1_gamma", 0) > 0 and config["r1_every"] > steps:
+        problems.append(f"r1_every = {config['r1_every']} but an epoch has only {steps} steps: the R1 "
+                        f"penalty would never be applied; use r1_every from 1 to {steps}, or r1_gamma = 0 "
+                        "to turn it off")
+    if config.get("metrics_every") and config["metrics_samples"] < FD_MIN_SAMPLES:
+        problems.append(f"metrics_samples = {config['metrics_samples']}: the Frechet distance needs the "
+                        f"covariance of at least {FD_MIN_SAMPLES} samples; use metrics_samples >= "
+                        f"{FD_MIN_SAMPLES} (2,000 by default: fewer bias it upward), or metrics_every = 0")
+    evals = config.get("eval_samples", 0)
+    if 0 < evals < KNN_MIN_SAMPLES:
+        problems.append(f"eval_samples = {evals}: precision and recall (k-nearest neighbours, k = 3) "
+                        f"need at least {KNN_MIN_SAMPLES} samples; use eval_samples >= {KNN_MIN_SAMPLES}, "
+                        "or 0 to skip the final evaluation")
+    if evals and n_train < 2 * KNN_MIN_SAMPLES:
+        problems.append(f"eval_samples = {evals} with only {data}: the final evaluation scores half of "
+                        f"the training images as real samples and needs {KNN_MIN_SAMPLES} in each half; "
+                        f"use train_subset >= {2 * KNN_MIN_SAMPLES} (or 0 for all), or eval_samples = 0")
+    if problems:
+        raise ParameterError("settings that do not fit the data:\n  - " + "\n  - ".join(problems))
+
+
+def nothing_to_train_message(epochs: int, epochs_done: int) -> str | None:
+    """What the training cell says when a resumed run already has `epochs` epochs (None otherwise):
+    the later cells still run on the loaded models, so a finished run can be re-evaluated."""
+    if epochs > epochs_done:
+        return None
+    return (f"nothing to train: epochs ({epochs}) <= epochs done ({epochs_done}); raise epochs to continue")
+
+
+# Run directories: one run per directory, one process per run directory.
+
+# What a run writes into its directory besides grids/epoch_*.png: any of them means the directory
+# holds a run. The executed notebook (papermill writes it there before the run starts) and the
+# lock file are not among them.
+RUN_OUTPUTS = ("checkpoint.pt", "config.json", "metrics.csv", "metrics.json", "generator.pt2",
+               "progress.gif", "losses.png", "quality.png", "real_vs_generated.png", "interpolation.png")
+LOCK_FILE = ".lock"
+
+def resolve_run_dir(run_dir: str, resume: str = "", root: str = "runs") -> Path:
+    """The notebook's rule for where a run writes: `run_dir`; else the resumed checkpoint's own
+    directory; else runs/<date-time>/. Shared by the notebook and run_notebook.py so they agree."""
+    if run_dir:
+        return Path(run_dir).expanduser()
+    if resume:
+        return Path(os.path.dirname(os.path.abspath(Path(resume).expanduser())))
+    return Path(root) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def run_files(run_dir: str | os.PathLike) -> list[Path]:
+    """The files of a run in `run_dir` (RUN_OUTPUTS, per-epoch grids); [] when there are none."""
+    path = Path(run_dir).expanduser()
+    if not path.is_dir():
+        return []
+    return [path / n for n in RUN_OUTPUTS if (path / n).exists()] + epoch_grid_paths(path)
+
+
+def _inside(checkpoint: str | os.PathLike, run_dir: Path) -> bool:
+    """True when `checkpoint` lies directly in `run_dir` (resuming that run where it is)."""
+    parent = Path(checkpoint).expanduser().absolute().parent
+    try:
+        return parent.exists() and run_dir.exists() and os.path.samefile(parent, run_dir)
+    except OSError:
+        return False
+
+
+def _refuse_other_run(path: Path, resume: str, overwrite: bool) -> None:
+    """ParameterError when `path` holds a run that this one would overwrite or mix its files into."""
+    files = run_files(path)
+    if not files or overwrite or (resume and _inside(resume, path)):
+        return
+    names = [str(f.relative_to(path)) for f in files]
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    replace = "or set overwrite = True, which deletes the old run's checkpoint, metrics and grids first"
+    if resume:
+        raise ParameterError(
+            f"run_dir = {str(path)!r} already holds another run ({shown}), and resume = {str(resume)!r} "
+            "is not its checkpoint: the two runs' files would mix. Resume in the checkpoint's own "
+            f"directory (run_dir = '' does that) or in a new run_dir; {replace}.")
+    checkpoint = path / "checkpoint.pt"
+    cont = (f"set resume = {str(checkpoint)!r} (headless: {resume_command(checkpoint)})"
+            if checkpoint.is_file() else "there is no checkpoint.pt to resume from")
+    raise ParameterError(
+        f"run_dir = {str(path)!r} already holds a run ({shown}); a new run there would overwrite its "
+        f"checkpoint and mix its files into the new run's. To continue that run, {cont}; to start a "
+        f"new run, choose another run_dir ('' for runs/<date-time>/); {replace}.")
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _busy_message(path: Path, pid: int | None) -> str:
+    who = f"process {pid}" if pid else "another process"
+    stop = f"stop it (`kill -INT {pid}` saves its checkpoint first), " if pid else "stop it, "
+    return (f"run_dir = {str(path)!r} is in use: {who} is running there now (it holds "
+            f"{path / LOCK_FILE}). Wait for it to finish, {stop}or choose another run_dir.")
+
+
+# Locks this process holds, by directory: re-running the notebook's setup cell in the same kernel
+# gets the lock it already has instead of being refused by itself. Weak, so a lock nobody keeps is
+# released when it is garbage-collected.
+_HELD_LOCKS = weakref.WeakValueDictionary()
+
+
+def _lock_key(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def _own_lock(path: Path):
+    lock = _HELD_LOCKS.get(_lock_key(path))
+    return lock if lock is not None and lock.held and lock.pid == os.getpid() else None
+
+
+def lock_holder(run_dir: str | os.PathLike) -> int | None:
+    """The PID of another live process that holds `<run_dir>/.lock` (0 if its PID is unreadable),
+    or None when the directory is free or this process holds it. Writes nothing."""
+    path = Path(run_dir).expanduser()
+    lock_path = path / LOCK_FILE
+    if fcntl is None or not lock_path.is_file() or _own_lock(path) is not None:
+        return None
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:  # a shared lock conflicts with the holder's exclusive one; taken and dropped at once
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(fd) or 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class RunDirLock:
+    """This process's claim on a run directory: an exclusive flock on `<run_dir>/.lock`, which holds
+    the PID. Keep it in a variable as long as the run writes there (the notebook: the kernel's
+    lifetime). The OS drops the lock when the process ends, however it ends (SIGKILL included), so a
+    crashed run never leaves a stale lock; release() drops it earlier. The file itself stays:
+    deleting a lock file races with a process that has just opened it.
+    """
+
+    def __init__(self, run_dir: Path, fd: int | None):
+        self.run_dir, self.pid, self._fd = Path(run_dir), os.getpid(), fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if self.pid == os.getpid() and fcntl is not None:  # a forked child must not unlock its parent's lock
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.release()
+
+    def __repr__(self):
+        return f"RunDirLock({str(self.run_dir)!r}, pid={self.pid}, held={self.held})"
+
+
+def _acquire_lock(path: Path) -> RunDirLock:
+    """Lock `path` for this process or raise ParameterError naming the PID that holds it."""
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, _ordinary_file_mode())
+    except OSError as exc:
+        raise ParameterError(f"run_dir = {str(path)!r} is not writable ({exc.strerror}): use a "
+                             "directory you can write to, or '' for runs/<date-time>/") from None
+    if fcntl is None:  # pragma: no cover - no flock on this platform: unlocked, as before
+        os.close(fd)
+        return RunDirLock(path, None)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _read_pid(fd)
+        os.close(fd)
+        raise ParameterError(_busy_message(path, pid)) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    lock = RunDirLock(path, fd)
+    _HELD_LOCKS[_lock_key(path)] = lock
+    return lock
+
+
+def check_run_dir(run_dir: str | os.PathLike, resume: str = "", overwrite: bool = False) -> Path:
+    """Refuse, before anything is written, a run directory that is a file, that another live process
+    is writing to, or that holds a run this one is not resuming (unless `overwrite`). Writes nothing,
+    so it can run first; claim_run_dir() repeats the checks under the lock."""
+    path = Path(run_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ParameterError(f"run_dir = {str(path)!r} is a file, not a directory: use a directory "
+                             "path, or '' for runs/<date-time>/")
+    pid = lock_holder(path)
+    if pid is not None:
+        raise ParameterError(_busy_message(path, pid))
+    _refuse_other_run(path, resume, overwrite)
+    return path
+
+
+def claim_run_dir(run_dir: str | os.PathLike, resume: str = "", overwrite: bool = False) -> RunDirLock:
+    """Make `run_dir` this run's own: create it (with grids/), lock it for this process, and check
+    under the lock that it holds no run this one would overwrite; with `overwrite`, delete the old
+    run's files first. Call it after the settings, the data and the checkpoint have all been
+    checked, so a refused run has changed nothing. Returns the lock: keep it (see RunDirLock).
+
+    `resume` is the resume parameter: a checkpoint inside `run_dir` continues that run there.
+    """
+    path = check_run_dir(run_dir, resume, overwrite)
+    try:
+        (path / "grids").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ParameterError(f"run_dir = {str(path)!r} cannot be created ({exc.strerror}): use a "
+                             "directory you can write to, or '' for runs/<date-time>/") from None
+    lock = _own_lock(path)
+    fresh = lock is None
+    lock = lock or _acquire_lock(path)
+    try:
+        _refuse_other_run(path, resume, overwrite)  # again: nobody else can start there now
+        if overwrite:
+            clear_run_files(path)
+    except BaseException:
+        if fresh:
+            lock.release()
+        raise
+    return lock
+
+
+def clear_run_files(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete a run's files (RUN_OUTPUTS, grids, temporary files of dead processes) from `run_dir`;
+    other files stay. Returns what was deleted."""
+    path = Path(run_dir).expanduser()
+    gone = run_files(path)
+    for f in gone:
+        f.unlink(missing_ok=True)
+    for name in RUN_OUTPUTS:
+        gone += remove_dead_temp_files(path / name, ".tmp")
+    return gone
+
+
+def remove_grids_after(run_dir: str | os.PathLike, epoch: int) -> list[Path]:
+    """Delete grids/epoch_N.png for N > `epoch`: pictures of epochs that a resume or a rollback
+    undid, which would otherwise appear in progress.gif. Returns what was deleted."""
+    stale = [p for p in epoch_grid_paths(run_dir) if int(p.stem.split("_")[1]) > epoch]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -550,9 +969,12 @@ def label_image(img: Image.Image, text: str) -> Image.Image:
 
 
 def save_gif(frame_paths: list, path: str | os.PathLike, ms_per_frame: int = 200, labels=None) -> int:
-    """Animate PNG frames (in the given order) into a looping GIF; returns the frame count."""
+    """Animate PNG frames (in the given order) into a looping GIF; returns the frame count.
+
+    No frames (a resumed run with nothing left to train, grids deleted): writes nothing, returns 0.
+    """
     if not frame_paths:
-        raise ValueError("save_gif needs at least one frame")
+        return 0
     frames = [Image.open(p).convert("L") for p in frame_paths]
     if labels is not None:
         frames = [label_image(f, t) for f, t in zip(frames, labels)]
@@ -638,13 +1060,84 @@ def divergence_message(step: int, epoch: int, config: dict, checkpoint: Path) ->
     )
 
 
+def _double_quoted(text: str) -> str:
+    """`text` quoted for a POSIX shell, in double quotes where that is safe (easier to read)."""
+    return f'"{text}"' if not any(c in text for c in '"$`\\!') else shlex.quote(text)
+
+
+def resume_command(checkpoint: str | os.PathLike) -> str:
+    """The shell command that continues a run headless, quoted so that any path works (spaces too):
+    make passes PARAMS to the shell unquoted, so the path inside it carries its own quotes."""
+    checkpoint = Path(checkpoint)
+    params = "-p resume " + shlex.quote(str(checkpoint))
+    return f"make run RUN_DIR={shlex.quote(str(checkpoint.parent))} PARAMS={_double_quoted(params)}"
+
+
 def resume_message(checkpoint: Path, epoch: int) -> str:
+    checkpoint = Path(checkpoint)
     return (
         f"Saved {checkpoint} after epoch {epoch}. To continue: in Jupyter, run the training cell "
         f"again (or set resume = {str(checkpoint)!r} after a restart); headless, "
-        f"`make run RUN_DIR={checkpoint.parent} PARAMS=\"-p resume {checkpoint}\"` "
-        f"(papermill: `-p resume {checkpoint}`); the run continues in {checkpoint.parent}."
+        f"`{resume_command(checkpoint)}` (papermill: `-p resume {shlex.quote(str(checkpoint))}`); "
+        f"the run continues in {checkpoint.parent}."
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping safely: SIGTERM and a second interrupt
+# --------------------------------------------------------------------------------------------
+
+def _in_main_thread() -> bool:
+    """Python lets only the main thread set signal handlers."""
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside the block, SIGTERM (what `kill`, a job scheduler or a closing terminal sends) raises
+    KeyboardInterrupt in the main thread, as Ctrl-C does: the training cell's rollback-and-save path
+    runs instead of the process dying with the unfinished epoch's work and no checkpoint. The
+    previous handler is back after the block. Outside the main thread it does nothing."""
+    if not _in_main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"{signal.Signals(signum).name} received")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def interrupts_deferred(reraise: bool = True, report: Callable[[str], None] = print):
+    """Hold SIGINT and SIGTERM until the block ends: wrap the rollback's save in it, so that a
+    second Ctrl-C (or a SIGTERM) cannot cut the checkpoint short and lose the last good epoch.
+
+    Yields the list of signals held. After the block, a held signal is reported, and with `reraise`
+    turned into KeyboardInterrupt (unless the block raised already); without it, only reported -- for
+    a block that is followed by a `raise` anyway. The previous handlers are back after the block.
+    Outside the main thread it holds nothing.
+    """
+    held = []
+    if not _in_main_thread():
+        yield held
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield held
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if held:
+        names = " and ".join(dict.fromkeys(signal.Signals(s).name for s in held))
+        report(f"{names} arrived while saving; held until the save was complete.")
+        if reraise:
+            raise KeyboardInterrupt(f"{names} received (held during the save)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -652,12 +1145,53 @@ def resume_message(checkpoint: Path, epoch: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "vanilla-gan-checkpoint/1"
+# What the notebook's snapshot() puts in a checkpoint: a file without one of them cannot be resumed.
+CHECKPOINT_KEYS = ("config", "epoch", "G", "D", "G_ema", "opt_G", "opt_D", "fixed_noise", "rng", "history")
 # Settings that fix the networks' shapes: a checkpoint made with other values cannot be loaded.
 ARCHITECTURE_KEYS = ("latent_dim", "g_batchnorm")
 
 
 class CheckpointError(RuntimeError):
     """A file is not a checkpoint of this project, or does not fit the notebook's settings."""
+
+
+class DiskFullError(OSError):
+    """A write failed for lack of space (or quota); the message says which file was left as it was."""
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (one owned by another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temp_owner(temp: Path, path: Path, suffix: str) -> int | None:
+    """The PID in a temporary name `<name>.<pid>.<random><suffix>`; None for other names."""
+    middle = temp.name[len(path.name) + 1:-len(suffix)]
+    pid = middle.split(".", 1)[0]
+    return int(pid) if pid.isdigit() and "." in middle else None
+
+
+def remove_dead_temp_files(path: str | os.PathLike, suffix: str) -> list[Path]:
+    """Delete the temporary files beside `path` (`<name>.<pid>.<random><suffix>`, as
+    _new_file_replacing names them) whose process is gone, killed while writing. Those of live
+    processes, this one's included, stay: they may be writing right now. Returns what was deleted."""
+    path = Path(path)
+    stale = []
+    for temp in path.parent.glob(f"{glob.escape(path.name)}.*{suffix}"):
+        pid = _temp_owner(temp, path, suffix)
+        if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+            temp.unlink(missing_ok=True)
+            stale.append(temp)
+    return stale
 
 
 @contextlib.contextmanager
@@ -670,7 +1204,8 @@ def _new_file_replacing(path: Path, suffix: str):
     so the rename itself survives a power cut.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=suffix)
+    # The PID in the name tells a later cleanup whether the writer is still alive.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{os.getpid()}.", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f, Path(tmp)
@@ -691,24 +1226,65 @@ def _new_file_replacing(path: Path, suffix: str):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one, never half."""
-    with _new_file_replacing(Path(path), suffix=".tmp") as (f, _):
-        f.write(data)
+    """Write `data` to `path` so that a crash leaves either the old file or the new one, never half.
+    A full disk raises DiskFullError saying that the file was left as it was."""
+    path = Path(path)
+    try:
+        with _new_file_replacing(path, suffix=".tmp") as (f, _):
+            f.write(data)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS or isinstance(exc, DiskFullError):
+            raise
+        raise DiskFullError(exc.errno, f"{exc.strerror} while writing {path}: the file was left as it "
+                            f"was ({_free_space(path.parent)} free there). Free some space, or write "
+                            "the run to another disk (run_dir).") from exc
+
+
+def _free_space(directory: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(directory).free / 1e6:,.1f} MB"
+    except OSError:
+        return "unknown space"
+
+
+def _saved_epoch(path: Path) -> int | None:
+    """The epoch of the checkpoint at `path`, or None when there is none or it cannot be read."""
+    try:
+        return load_checkpoint(path, required_keys=("epoch",))["epoch"]
+    except (CheckpointError, KeyError, OSError):
+        return None
 
 
 def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> Path:
-    """Save a plain-dict checkpoint atomically, stamped with this project's format tag."""
+    """Save a plain-dict checkpoint atomically, stamped with this project's format tag.
+
+    On a full disk the previous checkpoint stays, and the DiskFullError says which epoch it holds
+    and how to resume from it once there is space.
+    """
     path = Path(path)
     buffer = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-    for stale in path.parent.glob(path.name + ".*.tmp"):  # left by a process killed mid-write
-        stale.unlink(missing_ok=True)
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except DiskFullError as exc:
+        raise DiskFullError(exc.errno, _disk_full_message(path, checkpoint.get("epoch"))) from exc
+    remove_dead_temp_files(path, ".tmp")  # left by a process killed mid-write
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint with `weights_only=True` (opening it can never run code from it)."""
+def _disk_full_message(path: Path, epoch) -> str:
+    kept = _saved_epoch(path)
+    state = (f"{path} was not changed and still holds epoch {kept}, the last good checkpoint"
+             if kept is not None else f"no checkpoint was written to {path}")
+    then = (f"then resume from it: `{resume_command(path)}` (in Jupyter: set resume = {str(path)!r})"
+            if kept is not None else "then start the run again")
+    return (f"No space left on the device while saving the checkpoint of epoch {epoch}: {state}. "
+            f"Free some space ({_free_space(path.parent)} free in {path.parent}), {then}.")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", required_keys=CHECKPOINT_KEYS) -> dict:
+    """Load a checkpoint with `weights_only=True` (opening it can never run code from it), and check
+    that it holds `required_keys`: a tagged file without them would fail later with a bare KeyError."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file; check the `resume` parameter.")
@@ -734,6 +1310,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this project "
                               f"(no format tag {CHECKPOINT_FORMAT!r}); point `resume` at a "
                               "checkpoint.pt written by Vanilla_GAN.ipynb.")
+    missing = [key for key in required_keys if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} is a checkpoint of this project but lacks {', '.join(missing)}: "
+                              "it is incomplete or was written by other code, and cannot be resumed. "
+                              "Point `resume` at another checkpoint.pt, or start afresh with resume=''.")
     return checkpoint
 
 
@@ -751,13 +1332,13 @@ def export_generator(generator: torch.nn.Module, latent_dim: int, path: str | os
     """Export the generator with torch.export (eval mode, dynamic batch) to a .pt2 file.
 
     Load it anywhere with `torch.export.load(path).module()`: noise (N, latent_dim) -> images
-    (N, 1, 28, 28) in [-1, 1].
+    (N, 1, 28, 28) in [-1, 1], for any batch size N >= 1 (no upper bound: memory is the limit).
     """
     import copy
     # Flat 784 pixels -> (N, 1, 28, 28), the image layout other tools expect.
     model = torch.nn.Sequential(copy.deepcopy(generator), torch.nn.Unflatten(1, (1, 28, 28))).cpu().eval()
     example = torch.randn(4, latent_dim)
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    batch = torch.export.Dim("batch", min=1)  # an upper bound would be a guard that fails above it
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
