@@ -459,6 +459,7 @@ PARAMETER_RULES = {
     "ema_decay": (_unit_interval_open, "a number in [0, 1); 0 turns the EMA off"),
     "checkpoint_every": (_positive_int, "an integer >= 1 (epochs)"),
     "resume": (_is_str, "'' or the path of a checkpoint.pt"),
+    "overwrite": (_is_bool, "True or False; True deletes the previous run in run_dir first"),
     "metrics_every": (_non_negative_int, "0 (off) or an integer >= 1 (epochs)"),
     "metrics_samples": (_positive_int, "an integer >= 1"),
     "eval_samples": (_non_negative_int, "0 (skip the final evaluation) or an integer >= 1"),
@@ -540,19 +541,6 @@ def validate_parameters(config: dict) -> None:
                         "the path of a run's checkpoint.pt")
     if problems:
         raise ParameterError("bad parameters:\n  - " + "\n  - ".join(problems))
-
-
-def prepare_run_dir(run_dir: str, root: str = "runs") -> Path:
-    """Create the run directory (default runs/<date-time>/) and check that it is writable."""
-    path = Path(run_dir or Path(root) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")).expanduser()
-    try:
-        (path / "grids").mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise ParameterError(f"run_dir = {str(path)!r} is not writable ({exc.strerror}): use a "
-                             "directory you can write to, or '' for runs/<date-time>/") from exc
-    return path
 
 
 # The minimum sample counts of the metrics (gan_metrics), found by reading the code and trying:

@@ -137,25 +137,25 @@ def test_existing_resume_file_passes(defaults, tmp_path):
 # Run directory and device
 # ------------------------------------------------------------------------------------------------
 
-def test_prepare_run_dir_creates_grids(tmp_path):
-    path = gu.prepare_run_dir(str(tmp_path / "a" / "b"))
-    assert path == tmp_path / "a" / "b"
-    assert (path / "grids").is_dir()
-    assert list(path.iterdir()) == [path / "grids"]  # the writability probe leaves nothing
+def test_claim_run_dir_creates_grids(tmp_path):
+    lock = gu.claim_run_dir(str(tmp_path / "a" / "b"))
+    path = tmp_path / "a" / "b"
+    assert lock.run_dir == path and (path / "grids").is_dir()
+    lock.release()
 
 
-def test_prepare_run_dir_default_is_dated(tmp_path):
-    path = gu.prepare_run_dir("", root=str(tmp_path / "runs"))
-    assert path.parent == tmp_path / "runs" and (path / "grids").is_dir()
+def test_resolve_run_dir_default_is_dated(tmp_path):
+    path = gu.resolve_run_dir("", root=str(tmp_path / "runs"))
+    assert path.parent == tmp_path / "runs" and not path.exists()  # resolving writes nothing
     assert len(path.name) == len("2024-01-01_00-00-00")
 
 
-def test_prepare_run_dir_unwritable(tmp_path):
+def test_claim_run_dir_unwritable(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("a regular file, so nothing can be created below it (even as root)")
     target = blocker / "run"
     with pytest.raises(gu.ParameterError) as info:
-        gu.prepare_run_dir(str(target))
+        gu.claim_run_dir(str(target))
     assert "run_dir" in str(info.value) and str(target) in str(info.value)
 
 
