@@ -342,12 +342,12 @@ def load_image_folder(folder: str | os.PathLike, image_size: int, cache_dir: str
     order, so the result is the same on every machine. Cached (module docstring); `use_cache=False`
     neither reads nor writes a cache. A tqdm bar shows the decoding unless `progress=False`.
 
-    Raises DataError (before anything is written) when the folder is missing, empty, holds no image
-    of a known type, or holds images that cannot be read (all of them named, with the count of the
-    fine ones).
+    Raises ParameterError for an image_size below 8, and DataError (before anything is written)
+    when the folder is missing, empty, holds no image of a known type, or holds images that cannot
+    be read (all of them named, with the count of the fine ones).
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-        raise ValueError(f"image_size must be an integer >= 8 (e.g. 32 or 64), got {image_size!r}")
+        raise gu.ParameterError(f"image_size must be an integer >= 8 (e.g. 32 or 64), got {image_size!r}")
     folder = Path(folder).expanduser()
     files, labels, class_names = _scan(folder)
     key = _cache_key(files, image_size)
