@@ -1,0 +1,573 @@
+"""Colour image data for the DCGAN notebook: a dataset as one uint8 tensor, decoded once.
+
+Three sources, one result (`ImageSet`: uint8 images (N, C, S, S) on the CPU, labels, class names):
+
+* `load_image_folder(folder, image_size)`: any folder of PNG/JPEG/WebP/BMP files, flat or with one
+  level of class subfolders (e.g. anime faces, or CIFAR-10 exported as JPEGs). Every image is
+  converted to RGB, centre-cropped to a square and resized with an antialiased filter. Decoding
+  tens of thousands of files takes a while, so the result is cached (see "Cache" below).
+* `load_cifar10(data_dir)`: CIFAR-10 in torchvision's python format (`cifar-10-batches-py/`),
+  downloaded when missing.
+* `load_mnist32(data_dir)`: MNIST (via gan_utils) zero-padded to 32x32, one channel.
+
+`load_dataset(dataset, data_dir, image_size)` picks one of them from a notebook parameter.
+
+The images stay uint8 (a quarter of float32's memory, 150 MB for CIFAR-10's 50,000 training
+images at 32 px); the training loop slices a minibatch (`gan_utils.minibatches`) and converts only
+that batch to the model range [-1, 1] (`to_model_range` below, which wraps gan_utils').
+
+Cache
+-----
+A folder's decoded tensor is stored in `<folder>/.gan-cache/<S>px.pt`, inside the data folder so
+that it goes wherever the data goes and is deleted with it (hidden, so it is never taken for a
+class or an image). When the folder is not writable (shared, read-only data: no write permission
+bits, a read-only file system, or a failed write) the cache goes to the user cache directory,
+`$XDG_CACHE_HOME/gan-notebooks/` (default `~/.cache/gan-notebooks/`), as
+`<foldername>-<hash of the folder's absolute path>-<S>px.pt`. An explicit `cache_dir` replaces
+both places. The cache is keyed by a hash of the relative path, byte size and mtime_ns of every
+image file, the image size and this module's preprocessing version: adding, removing, resizing or
+touching any image makes it stale, and a stale cache is rebuilt, never used. Caches are written
+atomically (temporary file, then os.replace) and read with `torch.load(weights_only=True)` (they
+hold only tensors, strings and ints); an unreadable one is ignored with a one-line note and rebuilt.
+Delete `.gan-cache/` (or the user cache directory) to reclaim the space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import stat
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFile, ImageOps
+
+import gan_utils as gu
+from gan_utils import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DATASETS = ("cifar10", "mnist")
+CACHE_DIR_NAME = ".gan-cache"
+USER_CACHE_SUBDIR = "gan-notebooks"
+# Bump when decoding/cropping/resizing changes: old caches then count as stale.
+CACHE_FORMAT = "image-folder-cache/1"
+
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_TGZ_MD5 = "c58f30108f718f92721af3b95e74349a"  # as in torchvision.datasets.CIFAR10
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILES = ("test_batch",)
+
+
+@dataclass
+class ImageSet:
+    """One split of a dataset, decoded.
+
+    images: uint8 (N, C, S, S) on the CPU, C = 3 (RGB) except for MNIST (C = 1).
+    labels: int64 (N,) indexing `class_names`, or None (a flat folder has no classes).
+    class_names: list of str, or None.
+    source: where the images came from (a path, in words).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    class_names: list[str] | None
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> float32 of the same shape in [-1, 1] (gan_utils.to_model_range,
+    which flattens to (N, C*H*W), reshaped back)."""
+    return gu.to_model_range(images_uint8).view(images_uint8.shape)
+
+
+def check_enough_images(n: int, batch_size: int, what: str = "the training set") -> None:
+    """Raise DataError when `n` images do not fill one batch of `batch_size` (an epoch would be empty)."""
+    if n < batch_size:
+        raise DataError(
+            f"{what} has {n:,} image{'s' if n != 1 else ''}, fewer than one batch: the `batch_size` "
+            f"parameter is {batch_size:,}, so an epoch would have no complete batch. Lower "
+            f"`batch_size` to at most {n:,}, or add images."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Folders of images
+# --------------------------------------------------------------------------------------------
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _scan(folder: Path) -> tuple[list[tuple[str, int, int]], list[int] | None, list[str] | None]:
+    """The images of `folder`: ([(relative path, size, mtime_ns)], labels, class_names), sorted.
+
+    Images directly in the folder make it flat (subfolders are then ignored); otherwise each
+    non-hidden subfolder holding images is a class. Raises DataError when there are none.
+    """
+    if not folder.exists():
+        raise DataError(f"image folder {folder} does not exist. Check the path (the `dataset` "
+                        "parameter), or use 'cifar10' or 'mnist'.")
+    if not folder.is_dir():
+        raise DataError(f"{folder} is a file, not a folder of images. Give the folder that holds the "
+                        "images (or their class subfolders).")
+    entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
+    top_files = [e for e in entries if e.is_file()]
+    subdirs = [e for e in entries if e.is_dir()]
+    images = [e for e in top_files if _is_image(e.name)]
+    if images:
+        if subdirs:
+            print(f"note: {folder} holds images directly, so it is read as one flat set; its "
+                  f"subfolders ({', '.join(d.name for d in subdirs[:5])}"
+                  f"{', ...' if len(subdirs) > 5 else ''}) are ignored.")
+        files = [(e.name, *_size_mtime(e)) for e in images]
+        return files, None, None
+    files, labels, class_names, others, empty = [], [], [], [], []
+    for d in subdirs:
+        inside = sorted((e for e in os.scandir(d.path) if not e.name.startswith(".")), key=lambda e: e.name)
+        found = [e for e in inside if e.is_file() and _is_image(e.name)]
+        others += [f"{d.name}/{e.name}" for e in inside if not (e.is_file() and _is_image(e.name))]
+        if not found:
+            empty.append(d.name)
+            continue
+        for e in found:
+            files.append((f"{d.name}/{e.name}", *_size_mtime(e)))
+            labels.append(len(class_names))
+        class_names.append(d.name)
+    if files:
+        if empty:
+            print(f"note: subfolders without images ignored: {', '.join(empty)}")
+        return files, labels, class_names
+    if not top_files and not subdirs:
+        raise DataError(f"image folder {folder} is empty. Put the images (or one subfolder of images "
+                        "per class) in it, or point the `dataset` parameter at another folder.")
+    seen = [e.name for e in top_files] + others
+    hint = ""
+    if subdirs and others and not top_files:
+        hint = (" Its subfolders hold only further subfolders or other files: if they are splits "
+                "(e.g. train/ and test/), point at one of them, or pass the parent folder to "
+                "load_dataset, which uses train/ and test/.")
+    raise DataError(
+        f"no images of a known type in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}, any case, "
+        f"directly in it or one level down in class subfolders; found "
+        f"{', '.join(seen[:5]) if seen else 'only subfolders: ' + ', '.join(d.name for d in subdirs[:5])}"
+        f"{', ...' if len(seen) > 5 else ''}).{hint} Convert the images to PNG or JPEG, or point "
+        "the `dataset` parameter at the folder that holds them."
+    )
+
+
+def _size_mtime(entry: os.DirEntry) -> tuple[int, int]:
+    st = entry.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+@contextlib.contextmanager
+def _truncated_images_refused():
+    """PIL's ImageFile.LOAD_TRUNCATED_IMAGES off inside the block (whatever someone set globally),
+    so a truncated file raises instead of being silently padded with grey; restored afterwards."""
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparency is composited on white (dropping alpha would show whatever
+    colour the fully transparent pixels happen to store, often black or junk); 16- and 32-bit
+    integer greyscale is scaled from the 16-bit range (PIL's own conversion clips at 255, which
+    turns almost every 16-bit image white); float greyscale is clipped to [0, 255]."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode != "F":
+            a = a / 257.0  # 0..65535 -> 0..255
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
+    """One image file -> uint8 array (S, S, 3): EXIF orientation applied, converted to RGB (see
+    `_to_rgb`), the largest centred square cropped, resized to S x S.
+
+    Resizing uses PIL's LANCZOS filter, which is antialiased (its support widens with the
+    downscaling factor, so fine detail is averaged instead of aliased into moire and jagged edges
+    that the GAN would learn), and the sharpest of PIL's filters. reducing_gap=3.0 lets PIL first
+    shrink large images by an integer factor (cheap box filter) down to 3x the target before the
+    LANCZOS pass: much faster on large photos, and per PIL's documentation indistinguishable from
+    fair resampling at that gap. An image already S x S is copied unchanged.
+    Raises whatever PIL raises for unreadable or truncated files.
+    """
+    with Image.open(path) as img:
+        img.load()  # decodes everything: a truncated file raises here
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+        w, h = img.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        # Cropped first: resize(box=...) would blend in pixels from outside the square at its edges.
+        square = img.crop((left, top, left + side, top + side))
+        out = square.resize((image_size, image_size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        return np.asarray(out, dtype=np.uint8)
+
+
+def _cache_key(files: list[tuple[str, int, int]], image_size: int) -> str:
+    blob = json.dumps([CACHE_FORMAT, image_size, files], separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def user_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/gan-notebooks, or ~/.cache/gan-notebooks."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / USER_CACHE_SUBDIR
+
+
+def _is_writable_dir(path: Path) -> bool:
+    """Whether the cache may be written into `path` (or, when it doesn't exist yet, created in its
+    parent). Write permission bits are honoured even for root, who could otherwise write anywhere:
+    a folder without any write bit (like the shared, read-only data) is left alone."""
+    while not path.exists():
+        path = path.parent
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISDIR(mode) and bool(mode & 0o222) and os.access(path, os.W_OK | os.X_OK)
+
+
+def cache_paths(folder: str | os.PathLike, image_size: int, cache_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Where the cache of `folder` at `image_size` may be, in the order tried: `cache_dir` alone when
+    given; else `<folder>/.gan-cache/<S>px.pt`, then the user cache directory."""
+    folder = Path(folder).resolve()
+    tag = hashlib.sha256(str(folder).encode()).hexdigest()[:12]
+    elsewhere_name = f"{folder.name or 'root'}-{tag}-{image_size}px.pt"
+    if cache_dir is not None:
+        return [Path(cache_dir).expanduser() / elsewhere_name]
+    return [folder / CACHE_DIR_NAME / f"{image_size}px.pt", user_cache_dir() / elsewhere_name]
+
+
+def _read_cache(path: Path, key: str) -> dict | None:
+    """The cache at `path` if it exists and matches `key`; None otherwise (a one-line note when it is
+    unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        # mmap: only the small header is read to compare keys; the images are copied out if it fits.
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(blob, dict) or blob.get("format") != CACHE_FORMAT:
+            raise ValueError("not an image cache of this project")
+        if blob["key"] != key:
+            return None  # stale: rebuilt by the caller
+        images, labels = blob["images"], blob["labels"]
+        if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.dim() == 4):
+            raise ValueError("no uint8 image tensor in it")
+        return {"images": images.clone(), "labels": labels.clone() if labels.numel() else None,
+                "class_names": list(blob["class_names"]) or None}
+    except Exception as exc:  # truncated zip, refused pickle, missing keys: rebuild it
+        first_line = str(exc).splitlines()[0][:150] if str(exc) else ""
+        print(f"note: ignoring unreadable image cache {path} ({type(exc).__name__}: {first_line}); rebuilding it")
+        return None
+
+
+def _write_cache(path: Path, blob: dict) -> None:
+    """torch.save to a temporary file beside `path`, then os.replace: never half a cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _decode_all(folder: Path, files: list[tuple[str, int, int]], image_size: int, progress: bool) -> np.ndarray:
+    from tqdm.auto import tqdm
+
+    out = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
+    failed = []
+    with _truncated_images_refused():
+        for i, (rel, _, _) in enumerate(tqdm(files, desc=f"decoding {folder.name}", unit="img",
+                                            disable=not progress, mininterval=0.5)):
+            try:
+                out[i] = decode_image(folder / rel, image_size)
+            except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+                failed.append(f"{rel} ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})")
+    if failed:
+        fine = len(files) - len(failed)
+        raise DataError(
+            f"{len(failed)} of the {len(files):,} images in {folder} could not be read "
+            f"(unreadable, truncated or not what its extension says): {'; '.join(failed[:5])}"
+            f"{'; ...' if len(failed) > 5 else ''}. The other {fine:,} were fine. Delete "
+            f"{'this file' if len(failed) == 1 else 'these files'}, or re-save them with an image "
+            "editor (e.g. open and save as PNG), then run again."
+        )
+    return out
+
+
+def load_image_folder(folder: str | os.PathLike, image_size: int, cache_dir: str | os.PathLike | None = None,
+                      progress: bool = True, use_cache: bool = True) -> ImageSet:
+    """Every image of `folder` as one ImageSet: uint8 (N, 3, S, S), S = `image_size`.
+
+    The folder is flat (images directly in it: labels None) or holds one subfolder per class
+    (class = subfolder name, sorted; labels index into class_names). Files ending in .png, .jpg,
+    .jpeg, .webp or .bmp (any case) are images; other files, hidden files and the cache are
+    ignored. Any size and mode: converted to RGB with transparency composited on white, centre-
+    cropped to a square, resized with LANCZOS (see `decode_image`). Files are taken in sorted
+    order, so the result is the same on every machine. Cached (module docstring); `use_cache=False`
+    neither reads nor writes a cache. A tqdm bar shows the decoding unless `progress=False`.
+
+    Raises ParameterError for an image_size below 8, and DataError (before anything is written)
+    when the folder is missing, empty, holds no image of a known type, or holds images that cannot
+    be read (all of them named, with the count of the fine ones).
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
+        raise gu.ParameterError(f"image_size must be an integer >= 8 (e.g. 32 or 64), got {image_size!r}")
+    folder = Path(folder).expanduser()
+    files, labels, class_names = _scan(folder)
+    key = _cache_key(files, image_size)
+    candidates = cache_paths(folder, image_size, cache_dir) if use_cache else []
+    for path in candidates:
+        cached = _read_cache(path, key)
+        if cached is not None:
+            return ImageSet(cached["images"], cached["labels"], cached["class_names"], str(folder.resolve()))
+
+    pixels = _decode_all(folder, files, image_size, progress)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    label_tensor = torch.tensor(labels, dtype=torch.int64) if labels is not None else None
+    if candidates:
+        blob = {"format": CACHE_FORMAT, "key": key, "images": images,
+                "labels": label_tensor if label_tensor is not None else torch.zeros(0, dtype=torch.int64),
+                "class_names": class_names or [], "files": [f[0] for f in files]}
+        _store(blob, candidates, cache_dir is not None)
+    return ImageSet(images, label_tensor, class_names, str(folder.resolve()))
+
+
+def _store(blob: dict, candidates: list[Path], explicit: bool) -> Path | None:
+    """Write the cache to the first candidate that can take it; a note (not an error) when none can."""
+    errors = []
+    for path in candidates:
+        if not explicit and not _is_writable_dir(path.parent):
+            errors.append(f"{path.parent}: not writable")
+            continue
+        try:
+            _write_cache(path, blob)
+            return path
+        except OSError as exc:
+            errors.append(f"{path}: {exc}")
+    print(f"note: could not write the image cache ({'; '.join(errors)}); the images will be decoded "
+          "again next time. Pass cache_dir= a writable folder to keep them.")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10 in torchvision's python format
+# --------------------------------------------------------------------------------------------
+
+def _cifar_where(data_dir) -> str:
+    return (f"Point `data_dir` (or the {gu.DATA_DIR_ENV} environment variable) at a directory holding "
+            f"{CIFAR10_FOLDER}/ (torchvision's CIFAR-10 python format, from {CIFAR10_URL}), or at one "
+            "holding cifar10/train/ and cifar10/test/ image folders, or set `dataset` to a folder of "
+            "images instead of 'cifar10'.")
+
+
+def _unpickle(path: Path) -> dict:
+    """One CIFAR pickle. The files are trusted (the official archive, md5-checked when this module
+    downloads it), read like torchvision does: pickle with encoding="latin1" (they were written by
+    Python 2). Keys come back as str from the official files and as bytes from files written by
+    Python 3: both are accepted."""
+    try:
+        with open(path, "rb") as f:
+            raw = pickle.load(f, encoding="latin1")
+    except Exception as exc:
+        raise DataError(f"{path} cannot be read as a CIFAR-10 pickle ({type(exc).__name__}: {exc}): it "
+                        f"is truncated or corrupt. Delete {path.parent} so it can be downloaded again.") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path} is not a CIFAR-10 batch (not a dict). Delete {path.parent} so it can "
+                        "be downloaded again.")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+
+def read_cifar10_split(folder: str | os.PathLike, names, class_names: list[str]) -> ImageSet:
+    """Concatenate CIFAR-10 batch files `names` of `folder` into an ImageSet (N, 3, 32, 32)."""
+    folder = Path(folder)
+    images, labels = [], []
+    for name in names:
+        batch = _unpickle(folder / name)
+        data, lab = batch.get("data"), batch.get("labels")
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+                and data.shape[1] == 3 * 32 * 32 and lab is not None and len(lab) == len(data)):
+            raise DataError(f"{folder / name} is not a CIFAR-10 batch (expected 'data' uint8 rows of "
+                            "3072 and as many 'labels'). Delete the folder so it can be downloaded again.")
+        lab = np.asarray(lab, dtype=np.int64)
+        if len(lab) and (lab.min() < 0 or lab.max() >= len(class_names)):
+            raise DataError(f"{folder / name} has labels outside 0..{len(class_names) - 1}: corrupt.")
+        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))  # rows are R, G, B planes
+        labels.append(torch.from_numpy(lab))
+    return ImageSet(torch.cat(images), torch.cat(labels), list(class_names), f"CIFAR-10 {folder}")
+
+
+def _download_cifar10(data_dir: Path, timeout: float) -> None:
+    """Download the official archive (md5-checked) and unpack it to <data_dir>/cifar-10-batches-py,
+    by way of temporary names so that an interrupted download leaves nothing half-done."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=data_dir, prefix="cifar-10-python.", suffix=".tar.gz.part")
+    unpack = None
+    try:
+        digest = hashlib.md5()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(CIFAR10_URL, timeout=timeout) as response:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+                digest.update(block)
+        if digest.hexdigest() != CIFAR10_TGZ_MD5:
+            raise DataError(f"{CIFAR10_URL} downloaded with the wrong md5; try again later.")
+        unpack = Path(tempfile.mkdtemp(dir=data_dir, prefix=".cifar-unpack-"))
+        with tarfile.open(tmp, "r:gz") as archive:
+            archive.extractall(unpack, filter="data")
+        os.replace(unpack / CIFAR10_FOLDER, data_dir / CIFAR10_FOLDER)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if unpack is not None:
+            import shutil
+            shutil.rmtree(unpack, ignore_errors=True)
+
+
+def load_cifar10(data_dir: str | os.PathLike, download: bool = True, timeout: float = 30) -> tuple[ImageSet, ImageSet]:
+    """CIFAR-10 (train 50,000, test 10,000) from `<data_dir>/cifar-10-batches-py/`, images uint8
+    (N, 3, 32, 32), labels and class names from batches.meta. Downloads the archive (163 MB) when the
+    folder is missing and `download` is True; raises DataError saying where to point otherwise."""
+    data_dir = Path(data_dir).expanduser()
+    folder = data_dir / CIFAR10_FOLDER
+    needed = (*CIFAR10_TRAIN_FILES, *CIFAR10_TEST_FILES, "batches.meta")
+    missing = [n for n in needed if not (folder / n).is_file()]
+    if missing and download and not folder.exists():
+        try:
+            _download_cifar10(data_dir, timeout)
+        except (urllib.error.URLError, OSError, tarfile.TarError, DataError) as exc:
+            raise DataError(f"CIFAR-10 is not in {folder.resolve()} and downloading it failed "
+                            f"({type(exc).__name__}: {exc}). " + _cifar_where(data_dir)) from None
+        missing = [n for n in needed if not (folder / n).is_file()]
+    if missing:
+        why = "downloading is off" if not download else "the folder exists but is incomplete (delete it to download afresh)"
+        raise DataError(f"CIFAR-10 is not complete in {folder.resolve()}: missing {', '.join(missing)}, "
+                        f"and {why}. " + _cifar_where(data_dir))
+    meta = _unpickle(folder / "batches.meta")
+    names = meta.get("label_names")
+    if not isinstance(names, list) or not names:
+        raise DataError(f"{folder / 'batches.meta'} has no label_names: corrupt. Delete {folder} so it can "
+                        "be downloaded again.")
+    names = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
+    train = read_cifar10_split(folder, CIFAR10_TRAIN_FILES, names)
+    test = read_cifar10_split(folder, CIFAR10_TEST_FILES, names)
+    train.source, test.source = f"CIFAR-10 train ({folder})", f"CIFAR-10 test ({folder})"
+    return train, test
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST at 32x32, and choosing a dataset
+# --------------------------------------------------------------------------------------------
+
+def load_mnist32(data_dir: str | os.PathLike, download: bool = True) -> tuple[ImageSet, ImageSet]:
+    """MNIST as uint8 (N, 1, 32, 32): the 28x28 digits zero-padded by 2 pixels on each side (so a
+    DCGAN's 32 -> 16 -> 8 -> 4 stack fits). Train = the first 50,000 training images (the paper's
+    split, gan_utils.N_TRAIN), test = the 10,000 test images; labels kept."""
+    arrays = gu.load_mnist_arrays(data_dir, download=download)
+
+    def split(images: np.ndarray, labels: np.ndarray, what: str) -> ImageSet:
+        padded = np.pad(images, ((0, 0), (2, 2), (2, 2)))[:, None]
+        return ImageSet(torch.from_numpy(padded.copy()), torch.from_numpy(labels.astype(np.int64)),
+                        [str(d) for d in range(10)], f"MNIST {what} ({Path(data_dir).expanduser()})")
+
+    return (split(arrays["train_images"][:gu.N_TRAIN], arrays["train_labels"][:gu.N_TRAIN], "train"),
+            split(arrays["test_images"], arrays["test_labels"], "test"))
+
+
+def resize_images(images: torch.Tensor, image_size: int, batch_size: int = 1000) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8 (N, C, S, S), bicubic with antialiasing (a plain copy when the size
+    already fits). For square inputs (the built-in datasets); folders are resized when decoded."""
+    if images.shape[-2:] == (image_size, image_size):
+        return images
+    out = [F.interpolate(chunk.float(), size=(image_size, image_size), mode="bicubic", antialias=True,
+                         align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+           for chunk in images.split(batch_size)]
+    return torch.cat(out)
+
+
+def _resized(s: ImageSet, image_size: int) -> ImageSet:
+    return ImageSet(resize_images(s.images, image_size), s.labels, s.class_names, s.source)
+
+
+def load_dataset(dataset: str, data_dir: str | os.PathLike, image_size: int, *, cache_dir=None,
+                 progress: bool = True, download: bool = True) -> tuple[ImageSet, ImageSet | None]:
+    """(train, test or None) for the notebook's `dataset` parameter:
+
+    * "cifar10": `<data_dir>/cifar-10-batches-py/` (load_cifar10); failing that, image folders
+      `<data_dir>/cifar10/train/` and `<data_dir>/cifar10/test/` when both exist (this is how some
+      machines keep CIFAR-10, as JPEGs: nearly but not exactly the same pixels); failing that, it is
+      downloaded into data_dir. Resized when image_size != 32.
+    * "mnist": load_mnist32, one channel, resized when image_size != 32.
+    * anything else: a folder (~ expanded; relative to the current directory). With `train/` and
+      `test/` subfolders they are the splits; otherwise the whole folder is train and test is None.
+
+    The names "cifar10" and "mnist" win over folders of the same name (write "./mnist" for those).
+    """
+    name = str(dataset)
+    if name.lower() == "cifar10":
+        data_dir = Path(data_dir).expanduser()
+        jpeg = data_dir / "cifar10"
+        if not (data_dir / CIFAR10_FOLDER).exists() and (jpeg / "train").is_dir() and (jpeg / "test").is_dir():
+            return _folder_splits(jpeg, image_size, cache_dir, progress)
+        train, test = load_cifar10(data_dir, download=download)
+        return _resized(train, image_size), _resized(test, image_size)
+    if name.lower() == "mnist":
+        train, test = load_mnist32(data_dir, download=download)
+        return _resized(train, image_size), _resized(test, image_size)
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise DataError(
+            f"dataset={name!r} is neither a known dataset nor an existing folder "
+            f"({folder.resolve()} {'is a file' if folder.exists() else 'does not exist'}). Choose one of "
+            f"{', '.join(repr(d) for d in DATASETS)}, or give the path of a folder of images (flat, with one "
+            "subfolder per class, or with train/ and test/ subfolders)."
+        )
+    if (folder / "train").is_dir() and (folder / "test").is_dir():
+        return _folder_splits(folder, image_size, cache_dir, progress)
+    return load_image_folder(folder, image_size, cache_dir=cache_dir, progress=progress), None
+
+
+def _folder_splits(folder: Path, image_size: int, cache_dir, progress: bool) -> tuple[ImageSet, ImageSet]:
+    train = load_image_folder(folder / "train", image_size, cache_dir=cache_dir, progress=progress)
+    test = load_image_folder(folder / "test", image_size, cache_dir=cache_dir, progress=progress)
+    if train.class_names != test.class_names:
+        raise DataError(
+            f"{folder / 'train'} and {folder / 'test'} do not have the same classes "
+            f"(train: {train.class_names}, test: {test.class_names}), so their labels would not match. "
+            "Give both the same class subfolders (or make both flat)."
+        )
+    return train, test

@@ -1,0 +1,459 @@
+"""image_data: folders of images (any size and mode), the cache, CIFAR-10's python format, MNIST at
+32 px and load_dataset. Everything on small files written into tmp_path, except the two tests that
+read the shared data (GAN_DATA_DIR; skipped with a message when it is not set)."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import random
+import shutil
+import time
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+import image_data as idt
+from gan_utils import DataError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def save(path: Path, array: np.ndarray, mode: str | None = None, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(array, mode) if mode else Image.fromarray(array)
+    img.save(path, **kw)
+    return path
+
+
+def rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture(autouse=True)
+def private_user_cache(tmp_path, monkeypatch):
+    """The user cache directory of every test is its own (never ~/.cache)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / idt.USER_CACHE_SUBDIR
+
+
+@pytest.fixture
+def counting_decoder(monkeypatch):
+    """Counts calls of image_data.decode_image (still decoding)."""
+    calls = []
+    real = idt.decode_image
+
+    def decode(path, size):
+        calls.append(Path(path).name)
+        return real(path, size)
+
+    monkeypatch.setattr(idt, "decode_image", decode)
+    return calls
+
+
+def shared_data_root() -> Path | None:
+    value = os.environ.get("GAN_DATA_DIR")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+# --------------------------------------------------------------------------------------------
+# Folders
+# --------------------------------------------------------------------------------------------
+
+def test_flat_folder(tmp_path):
+    folder = tmp_path / "faces"
+    for i in range(3):
+        save(folder / f"{i}.png", rgb(40, 40, i))
+    (folder / "notes.txt").write_text("not an image")
+    save(folder / ".hidden.png", rgb(40, 40))
+    s = idt.load_image_folder(folder, 16, progress=False)
+    assert s.images.shape == (3, 3, 16, 16) and s.images.dtype == torch.uint8
+    assert s.labels is None and s.class_names is None and len(s) == 3
+    assert s.source == str(folder.resolve())
+
+
+def test_class_subfolders_sorted_and_labelled(tmp_path):
+    folder = tmp_path / "pets"
+    for cls, n in (("dog", 2), ("cat", 3), ("emu", 1)):
+        for i in range(n):
+            save(folder / cls / f"{i:02d}.png", rgb(20, 20, i))
+    save(folder / ".trash" / "x.png", rgb(20, 20))  # hidden: not a class
+    first = idt.load_image_folder(folder, 8, progress=False)
+    assert first.class_names == ["cat", "dog", "emu"]
+    assert first.labels.tolist() == [0, 0, 0, 1, 1, 2] and first.labels.dtype == torch.int64
+    # The cache (.gan-cache inside the folder) is not taken for a class on the next load.
+    assert (folder / idt.CACHE_DIR_NAME).is_dir()
+    second = idt.load_image_folder(folder, 8, progress=False)
+    assert second.class_names == first.class_names and torch.equal(second.images, first.images)
+
+
+def test_any_size_and_mode_gives_rgb_squares(tmp_path):
+    folder = tmp_path / "mixed"
+    save(folder / "a_rgb_wide.png", rgb(20, 50))
+    rgba = np.zeros((90, 7, 4), np.uint8)  # fully transparent: composited on white
+    save(folder / "b_rgba_tall.png", rgba, "RGBA")
+    grey = np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8)
+    save(folder / "c_grey.png", grey, "L")
+    pal = Image.fromarray(rgb(30, 30)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    pal.info["transparency"] = 0
+    pal.save(folder / "d_palette.png", transparency=0)
+    save(folder / "e_16bit.png", np.full((33, 33), 32896, np.uint16))  # mid-grey in 16 bits (I;16)
+    Image.fromarray(rgb(40, 30)).convert("CMYK").save(folder / "f_cmyk.JPG")  # upper-case extension
+    save(folder / "g.webp", rgb(25, 25))
+    save(folder / "h.bmp", rgb(25, 26))
+    save(folder / "i_la.png", np.dstack([grey[:10, :10], np.full((10, 10), 255, np.uint8)]), "LA")
+    assert Image.open(folder / "e_16bit.png").mode.startswith("I")  # really a 16-bit file
+
+    s = idt.load_image_folder(folder, 12, progress=False)
+    assert s.images.shape == (9, 3, 12, 12) and s.images.dtype == torch.uint8
+    by_name = dict(zip(sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")), s.images))
+    for name in ("c_grey.png", "e_16bit.png", "i_la.png"):  # greyscale: three equal channels
+        img = by_name[name]
+        assert torch.equal(img[0], img[1]) and torch.equal(img[1], img[2]), name
+    assert (by_name["b_rgba_tall.png"] == 255).all()  # transparent -> white
+    assert (by_name["e_16bit.png"].int() - 128).abs().max() <= 1  # scaled from 16 bits, not clipped to 255
+
+
+def test_centre_crop_keeps_the_middle(tmp_path):
+    wide = np.zeros((30, 90, 3), np.uint8)
+    wide[:, :30], wide[:, 30:60], wide[:, 60:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    save(tmp_path / "w" / "wide.png", wide)
+    save(tmp_path / "t" / "tall.png", wide.transpose(1, 0, 2).copy())
+    for sub in ("w", "t"):
+        for size in (8, 64):  # down and up
+            img = idt.load_image_folder(tmp_path / sub, size, progress=False).images[0]
+            assert (img[1] == 255).all() and (img[0] == 0).all() and (img[2] == 0).all(), (sub, size)
+
+
+def test_same_size_images_are_unchanged(tmp_path):
+    pixels = rgb(16, 16)
+    save(tmp_path / "f" / "x.png", pixels)
+    img = idt.load_image_folder(tmp_path / "f", 16, progress=False).images[0]
+    assert torch.equal(img.permute(1, 2, 0), torch.from_numpy(pixels))
+
+
+def test_truncated_jpeg_is_named_with_the_count_of_fine_ones(tmp_path, monkeypatch):
+    folder = tmp_path / "f"
+    for i in range(3):
+        save(folder / f"ok{i}.jpg", rgb(32, 32, i))
+    data = io.BytesIO()
+    Image.fromarray(rgb(64, 64)).save(data, "JPEG")
+    (folder / "broken.jpg").write_bytes(data.getvalue()[:-100])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # someone's global setting
+    with pytest.raises(DataError) as err:
+        idt.load_image_folder(folder, 16, progress=False)
+    msg = str(err.value)
+    assert "broken.jpg" in msg and "other 3 were fine" in msg and "re-save" in msg
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
+    assert not (folder / idt.CACHE_DIR_NAME).exists()  # nothing written before the error
+
+
+def test_not_an_image_despite_extension(tmp_path):
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "fake.png").write_text("hello")
+    save(tmp_path / "f" / "real.png", rgb(8, 8))
+    with pytest.raises(DataError, match=r"fake\.png.*other 1 were fine"):
+        idt.load_image_folder(tmp_path / "f", 8, progress=False)
+
+
+def test_empty_missing_and_file_instead_of_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is empty"):
+        idt.load_image_folder(tmp_path / "empty", 8)
+    with pytest.raises(DataError, match="does not exist"):
+        idt.load_image_folder(tmp_path / "nowhere", 8)
+    (tmp_path / "file.png").write_bytes(b"")
+    with pytest.raises(DataError, match="not a folder"):
+        idt.load_image_folder(tmp_path / "file.png", 8)
+
+
+def test_folder_without_known_images_lists_extensions_and_names(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt", "c.gif"):
+        (folder / name).write_text("x")
+    with pytest.raises(DataError) as err:
+        idt.load_image_folder(folder, 8)
+    msg = str(err.value)
+    assert all(ext in msg for ext in idt.IMAGE_EXTENSIONS) and "a.txt" in msg and "c.gif" in msg
+
+
+def test_folder_of_splits_gets_a_hint(tmp_path):
+    save(tmp_path / "data" / "train" / "cat" / "0.png", rgb(8, 8))
+    with pytest.raises(DataError, match="train/ and test/"):
+        idt.load_image_folder(tmp_path / "data", 8)
+
+
+def test_too_few_images_for_a_batch():
+    idt.check_enough_images(64, 64)
+    with pytest.raises(DataError) as err:
+        idt.check_enough_images(10, 64, "the folder x")
+    msg = str(err.value)
+    assert "the folder x has 10 images" in msg and "`batch_size`" in msg and "64" in msg
+
+
+def test_image_size_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="image_size"):
+        idt.load_image_folder(tmp_path, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------
+
+def make_folder(root: Path, n: int = 3) -> Path:
+    for i in range(n):
+        save(root / f"{i}.png", rgb(20, 20, i))
+    return root
+
+
+def test_cache_is_reused_without_decoding(tmp_path, monkeypatch):
+    folder = make_folder(tmp_path / "f")
+    first = idt.load_image_folder(folder, 8, progress=False)
+    assert (folder / idt.CACHE_DIR_NAME / "8px.pt").is_file()
+
+    def fail(*_):
+        raise AssertionError("decoded although the cache is valid")
+
+    monkeypatch.setattr(idt, "decode_image", fail)
+    again = idt.load_image_folder(folder, 8, progress=False)
+    assert torch.equal(again.images, first.images)
+    with pytest.raises(DataError, match="decoded although"):  # another size is another cache
+        idt.load_image_folder(folder, 16, progress=False)
+
+
+@pytest.mark.parametrize("change", ["touch", "replace", "add", "remove"])
+def test_stale_cache_is_rebuilt(tmp_path, counting_decoder, change):
+    folder = make_folder(tmp_path / "f")
+    idt.load_image_folder(folder, 8, progress=False)
+    counting_decoder.clear()
+    target = folder / "1.png"
+    if change == "touch":
+        st = target.stat()
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    elif change == "replace":  # same size and mtime would be undetectable; a new file has a new mtime
+        save(target, np.full((20, 20, 3), 7, np.uint8))
+    elif change == "add":
+        save(folder / "3.png", rgb(20, 20, 3))
+    else:
+        target.unlink()
+    s = idt.load_image_folder(folder, 8, progress=False)
+    assert counting_decoder, "the stale cache was used"
+    assert len(s) == {"add": 4, "remove": 2}.get(change, 3)
+    if change == "replace":
+        assert (s.images[1] == 7).all()
+    counting_decoder.clear()
+    idt.load_image_folder(folder, 8, progress=False)  # and the rebuilt cache is then used
+    assert not counting_decoder
+
+
+def test_read_only_folder_caches_in_the_user_cache(tmp_path, private_user_cache, counting_decoder):
+    # Runs as root too: the writability check honours the permission bits, which root's writes ignore.
+    folder = make_folder(tmp_path / "ro")
+    folder.chmod(0o555)
+    try:
+        idt.load_image_folder(folder, 8, progress=False)
+        assert not (folder / idt.CACHE_DIR_NAME).exists()
+        cached = list(private_user_cache.glob("ro-*-8px.pt"))
+        assert len(cached) == 1
+        counting_decoder.clear()
+        idt.load_image_folder(folder, 8, progress=False)
+        assert not counting_decoder
+    finally:
+        folder.chmod(0o755)
+
+
+def test_failed_write_falls_back_too(tmp_path, private_user_cache, monkeypatch):
+    """A folder that claims to be writable but refuses the write (e.g. a read-only mount)."""
+    folder = make_folder(tmp_path / "f")
+    real = idt._write_cache
+
+    def refuse_inside(path, blob):
+        if idt.CACHE_DIR_NAME in path.parts:
+            raise PermissionError(13, "Permission denied", str(path))
+        real(path, blob)
+
+    monkeypatch.setattr(idt, "_write_cache", refuse_inside)
+    idt.load_image_folder(folder, 8, progress=False)
+    assert len(list(private_user_cache.glob("f-*-8px.pt"))) == 1
+
+
+def test_explicit_cache_dir(tmp_path):
+    folder = make_folder(tmp_path / "f")
+    idt.load_image_folder(folder, 8, cache_dir=tmp_path / "mine", progress=False)
+    assert len(list((tmp_path / "mine").glob("f-*-8px.pt"))) == 1
+    assert not (folder / idt.CACHE_DIR_NAME).exists()
+
+
+def test_corrupt_cache_is_ignored_with_a_note(tmp_path, capsys, counting_decoder):
+    folder = make_folder(tmp_path / "f")
+    first = idt.load_image_folder(folder, 8, progress=False)
+    cache = folder / idt.CACHE_DIR_NAME / "8px.pt"
+    cache.write_bytes(cache.read_bytes()[:200])
+    counting_decoder.clear()
+    capsys.readouterr()
+    s = idt.load_image_folder(folder, 8, progress=False)
+    assert torch.equal(s.images, first.images) and counting_decoder
+    assert "ignoring unreadable image cache" in capsys.readouterr().out
+    counting_decoder.clear()
+    idt.load_image_folder(folder, 8, progress=False)
+    assert not counting_decoder
+
+
+def test_cache_with_foreign_objects_is_refused(tmp_path, capsys):
+    folder = make_folder(tmp_path / "f")
+    cache = folder / idt.CACHE_DIR_NAME / "8px.pt"
+    cache.parent.mkdir()
+    torch.save({"format": idt.CACHE_FORMAT, "key": Path("x")}, cache)  # not loadable weights_only
+    idt.load_image_folder(folder, 8, progress=False)
+    assert "ignoring unreadable image cache" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10 python format, MNIST, load_dataset
+# --------------------------------------------------------------------------------------------
+
+def write_tiny_cifar(data_dir: Path, n: int = 4, bytes_keys: bool = True) -> dict:
+    """CIFAR-10's python format as torchvision reads it, with n images per batch file. Python 3
+    pickles have bytes keys (b"data"); the official Python 2 files load with str keys: both work."""
+    folder = data_dir / idt.CIFAR10_FOLDER
+    folder.mkdir(parents=True)
+    k = (lambda s: s.encode()) if bytes_keys else (lambda s: s)
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in (*idt.CIFAR10_TRAIN_FILES, *idt.CIFAR10_TEST_FILES):
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).tolist()
+        batches[name] = (data, labels)
+        with open(folder / name, "wb") as f:
+            pickle.dump({k("batch_label"): k(name), k("labels"): labels, k("data"): data,
+                         k("filenames"): [k(f"{i}.png") for i in range(n)]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        names = [k(c) for c in CIFAR10_CLASSES]  # the real file has str names (bytes from Python 3)
+        pickle.dump({k("num_cases_per_batch"): n, k("label_names"): names, k("num_vis"): 3072}, f)
+    return batches
+
+
+@pytest.mark.parametrize("bytes_keys", [True, False])
+def test_cifar10_python_format(tmp_path, bytes_keys):
+    batches = write_tiny_cifar(tmp_path, n=4, bytes_keys=bytes_keys)
+    train, test = idt.load_cifar10(tmp_path, download=False)
+    assert train.images.shape == (20, 3, 32, 32) and test.images.shape == (4, 3, 32, 32)
+    assert train.images.dtype == torch.uint8 and train.labels.dtype == torch.int64
+    assert train.class_names == CIFAR10_CLASSES == test.class_names
+    assert train.labels.tolist() == sum((batches[n][1] for n in idt.CIFAR10_TRAIN_FILES), [])
+    data = batches["data_batch_2"][0]
+    image = train.images[4]  # the first of data_batch_2
+    # Each row is 1024 red, then 1024 green, then 1024 blue values, row-major.
+    assert image[0, 0, 1] == data[0, 1] and image[1, 0, 0] == data[0, 1024] and image[2, 31, 31] == data[0, 3071]
+
+
+def test_cifar10_missing_and_download_failing(tmp_path, monkeypatch):
+    def offline(url, timeout=None):
+        raise urllib.error.URLError("no network here")
+
+    monkeypatch.setattr(idt.urllib.request, "urlopen", offline)
+    started = time.perf_counter()
+    with pytest.raises(DataError) as err:
+        idt.load_cifar10(tmp_path / "data", download=True)
+    assert time.perf_counter() - started < 5
+    msg = str(err.value)
+    assert "downloading it failed" in msg and "no network here" in msg and "GAN_DATA_DIR" in msg
+    assert str((tmp_path / "data").resolve()) in msg and "folder of images" in msg
+    assert [p.name for p in (tmp_path / "data").iterdir()] == []  # no half download left behind
+    with pytest.raises(DataError, match="downloading is off"):
+        idt.load_cifar10(tmp_path / "other", download=False)
+
+
+def test_cifar10_corrupt_batch(tmp_path):
+    write_tiny_cifar(tmp_path)
+    (tmp_path / idt.CIFAR10_FOLDER / "data_batch_3").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(DataError, match="data_batch_3"):
+        idt.load_cifar10(tmp_path, download=False)
+
+
+def test_mnist32(data_dir):
+    train, test = idt.load_mnist32(data_dir, download=False)
+    assert train.images.shape == (50000, 1, 32, 32) and test.images.shape == (10000, 1, 32, 32)
+    assert train.images.dtype == torch.uint8 and train.labels.shape == (50000,)
+    assert (train.images[:, :, :2] == 0).all() and (train.images[:, :, :, -2:] == 0).all()
+    assert train.class_names == [str(d) for d in range(10)]
+
+
+def test_to_model_range_and_resize():
+    x = torch.tensor([0, 255], dtype=torch.uint8).repeat(2, 3, 4, 2)  # (2, 3, 8, 4)... any shape
+    y = idt.to_model_range(x)
+    assert y.shape == x.shape and y.dtype == torch.float32 and y.min() == -1 and y.max() == 1
+    imgs = torch.full((3, 3, 32, 32), 200, dtype=torch.uint8)
+    assert idt.resize_images(imgs, 32) is imgs
+    big = idt.resize_images(imgs, 64)
+    assert big.shape == (3, 3, 64, 64) and big.dtype == torch.uint8 and (big == 200).all()
+
+
+def test_load_dataset_choices(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as err:
+        idt.load_dataset("imagenet", tmp_path, 32)
+    assert "'cifar10', 'mnist'" in str(err.value) and "imagenet" in str(err.value)
+
+    make_folder(tmp_path / "flat")
+    train, test = idt.load_dataset("flat", tmp_path, 16, progress=False)  # relative to the cwd
+    assert len(train) == 3 and test is None and train.images.shape[-1] == 16
+
+    for split, n in (("train", 3), ("test", 2)):
+        for cls in ("a", "b"):
+            for i in range(n):
+                save(tmp_path / "split" / split / cls / f"{i}.png", rgb(10, 10, i))
+    train, test = idt.load_dataset(str(tmp_path / "split"), tmp_path, 8, progress=False)
+    assert (len(train), len(test)) == (6, 4) and train.class_names == test.class_names == ["a", "b"]
+
+    save(tmp_path / "split" / "test" / "c" / "0.png", rgb(10, 10))
+    with pytest.raises(DataError, match="same classes"):
+        idt.load_dataset(str(tmp_path / "split"), tmp_path, 8, progress=False)
+
+
+def test_load_dataset_cifar10(tmp_path):
+    write_tiny_cifar(tmp_path)
+    train, test = idt.load_dataset("cifar10", tmp_path, 64, download=False)
+    assert train.images.shape == (20, 3, 64, 64) and test.images.shape == (4, 3, 64, 64)
+    # CIFAR-10 kept as image folders <data_dir>/cifar10/{train,test} (as on the shared data).
+    jpeg_root = tmp_path / "jpeg"
+    for split in ("train", "test"):
+        for cls in CIFAR10_CLASSES[:2]:
+            save(jpeg_root / "cifar10" / split / cls / "0000.jpg", rgb(32, 32))
+    train, test = idt.load_dataset("cifar10", jpeg_root, 32, progress=False, download=False)
+    assert train.class_names == CIFAR10_CLASSES[:2] and len(test) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# The shared data
+# --------------------------------------------------------------------------------------------
+
+def test_shared_cifar10_folders(tmp_path):
+    root = shared_data_root()
+    if root is None or not (root / "cifar10" / "test").is_dir():
+        pytest.skip("needs GAN_DATA_DIR pointing at a directory with cifar10/train and cifar10/test "
+                    f"image folders (GAN_DATA_DIR={os.environ.get('GAN_DATA_DIR')!r})")
+    assert sorted(p.name for p in (root / "cifar10" / "train").iterdir() if p.is_dir()) == CIFAR10_CLASSES
+    picked = []
+    for cls in ("cat", "ship"):  # 100 files each, copied: the shared copy is only ever read
+        names = sorted(os.listdir(root / "cifar10" / "test" / cls))
+        for name in random.Random(0).sample(names, 100):
+            (tmp_path / "sample" / cls).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / "cifar10" / "test" / cls / name, tmp_path / "sample" / cls / name)
+            picked.append((cls, name))
+    s = idt.load_image_folder(tmp_path / "sample", 32, progress=False)
+    assert s.images.shape == (200, 3, 32, 32) and s.class_names == ["cat", "ship"]
+    assert s.labels.bincount().tolist() == [100, 100]
+    cls, name = sorted(picked)[0]  # 32x32 files come out exactly as PIL decodes them
+    direct = np.array(Image.open(root / "cifar10" / "test" / cls / name).convert("RGB"))
+    assert torch.equal(s.images[0].permute(1, 2, 0), torch.from_numpy(direct))
