@@ -14,6 +14,7 @@ exception is the registry of run-directory locks this process holds (see claim_r
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import difflib
 import errno
@@ -467,6 +468,18 @@ PARAMETER_RULES = {
     "matmul_precision": (lambda v: v in MATMUL_PRECISIONS, "'highest', 'high' or 'medium'"),
 }
 
+# DCGAN.ipynb's parameters: the same names where the meaning is the same, its own for the data and
+# the convolutional networks (g_batchnorm and d_dropout are not settings there).
+DCGAN_PARAMETER_RULES = {
+    **{k: v for k, v in PARAMETER_RULES.items() if k not in ("g_batchnorm", "d_dropout")},
+    "dataset": (lambda v: isinstance(v, str) and bool(v), "'cifar10', 'mnist' or the path of a folder of images"),
+    "data_dir": (_is_str, "a directory path (string) where 'cifar10' and 'mnist' are found or downloaded"),
+    "train_subset": (_non_negative_int, "0 (every training image) or a positive integer"),
+    "image_size": (lambda v: v in (32, 64), "32 or 64 (pixels)"),
+    "g_width": (_positive_int, "an integer >= 1 (channels of G's last hidden layer)"),
+    "d_width": (_positive_int, "an integer >= 1 (channels of D's first layer)"),
+}
+
 
 # Parameters that older versions of the notebook had: name -> why it went and what to use instead.
 # A papermill `-p` with one of them is refused with this reason; a checkpoint that recorded one still
@@ -492,13 +505,13 @@ def retired_settings(checkpoint_config: dict, config: dict) -> list[str]:
             if name in checkpoint_config and checkpoint_config[name] != now[name]]
 
 
-def parameters_from(namespace: dict) -> dict:
-    """Pick the notebook's parameters out of `namespace` (its globals()) as a plain config dict."""
-    missing = [name for name in PARAMETER_RULES if name not in namespace]
+def parameters_from(namespace: dict, rules: dict = PARAMETER_RULES) -> dict:
+    """Pick the notebook's parameters (the names in `rules`) out of `namespace` (its globals())."""
+    missing = [name for name in rules if name not in namespace]
     if missing:
         raise ParameterError(f"the parameters cell does not define {', '.join(missing)}; "
-                             "restore them from the repository's Vanilla_GAN.ipynb.")
-    return {name: namespace[name] for name in PARAMETER_RULES}
+                             "restore them from the repository's copy of the notebook.")
+    return {name: namespace[name] for name in rules}
 
 
 def injected_parameters(history: list[str]) -> dict:
@@ -521,19 +534,20 @@ def injected_parameters(history: list[str]) -> dict:
     return values
 
 
-def validate_parameters(config: dict) -> None:
-    """Check every parameter before any work; one error lists each bad one and what it may be."""
+def validate_parameters(config: dict, rules: dict = PARAMETER_RULES) -> None:
+    """Check every parameter against `rules` before any work; one error lists each bad one and what
+    it may be."""
     problems = []
     for name, value in config.items():
         if name in RETIRED_PARAMETERS:
             problems.append(f"{name} is no longer a parameter: {RETIRED_PARAMETERS[name]}; drop it")
             continue
-        if name not in PARAMETER_RULES:
-            close = difflib.get_close_matches(name, PARAMETER_RULES, n=1)
+        if name not in rules:
+            close = difflib.get_close_matches(name, rules, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"unknown parameter {name!r}{hint}")
             continue
-        check, allowed = PARAMETER_RULES[name]
+        check, allowed = rules[name]
         if not check(value):
             problems.append(f"{name} = {value!r} is not allowed: use {allowed}")
     if config.get("resume") and not Path(config["resume"]).expanduser().is_file():
@@ -556,7 +570,7 @@ def validate_against_data(config: dict, n_train: int) -> None:
     that would train nothing (G never updated, the R1 penalty never applied) or crash an epoch later."""
     bs, steps = config["batch_size"], n_train // config["batch_size"]
     data = f"{n_train:,} training images (train_subset = {config.get('train_subset', 0)})"
-    min_bs = 2 if config.get("g_batchnorm") else 1
+    min_bs = 2 if config.get("g_batchnorm", True) else 1  # DCGAN's G always has BatchNorm
     problems = []
     if steps == 0:
         problems.append(f"batch_size = {bs} is larger than the training set, {data}: use a batch_size "
@@ -930,11 +944,15 @@ class Stopwatch:
 # --------------------------------------------------------------------------------------------
 
 def grid_image(images: torch.Tensor, nrow: int = 8, scale: int = 2) -> Image.Image:
-    """Model-range images (N, 784) or (N, 1, 28, 28) -> one PIL grayscale grid, `nrow` per row."""
+    """Model-range images -> one PIL grid, `nrow` per row: flat MNIST digits (N, 784) or images
+    (N, C, H, W) with C = 1 (a grayscale grid) or C = 3 (an RGB grid)."""
     from torchvision.utils import make_grid
-    x = to_unit_range(images.detach().float().cpu().reshape(-1, 1, 28, 28)).clamp_(0, 1)
-    grid = make_grid(x, nrow=nrow, padding=2, pad_value=1.0)[0]  # one channel suffices: grey digits
-    img = Image.fromarray((grid.numpy() * 255).round().astype(np.uint8), mode="L")
+    x = images.detach().float().cpu()
+    x = to_unit_range(x.reshape(-1, 1, 28, 28) if x.dim() == 2 else x).clamp_(0, 1)
+    grid = make_grid(x, nrow=nrow, padding=2, pad_value=1.0)
+    pixels = (grid.numpy() * 255).round().astype(np.uint8)
+    img = (Image.fromarray(pixels[0], mode="L") if x.shape[1] == 1  # one channel suffices: grey digits
+           else Image.fromarray(pixels.transpose(1, 2, 0), mode="RGB"))
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
 
@@ -950,9 +968,10 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8) -> I
 def label_image(img: Image.Image, text: str) -> Image.Image:
     """Return `img` with a white strip on top carrying `text` (e.g. the epoch of a GIF frame)."""
     from PIL import ImageDraw
-    out = Image.new("L", (img.width, img.height + 14), 255)
+    white, black = (255, 0) if img.mode == "L" else ((255, 255, 255), (0, 0, 0))
+    out = Image.new(img.mode, (img.width, img.height + 14), white)
     out.paste(img, (0, 14))
-    ImageDraw.Draw(out).text((2, 1), text, fill=0)
+    ImageDraw.Draw(out).text((2, 1), text, fill=black)
     return out
 
 
@@ -963,7 +982,9 @@ def save_gif(frame_paths: list, path: str | os.PathLike, ms_per_frame: int = 200
     """
     if not frame_paths:
         return 0
-    frames = [Image.open(p).convert("L") for p in frame_paths]
+    frames = [Image.open(p) for p in frame_paths]
+    mode = "L" if all(f.mode == "L" for f in frames) else "RGB"  # grey digits, or colour images
+    frames = [f.convert(mode) for f in frames]
     if labels is not None:
         frames = [label_image(f, t) for f, t in zip(frames, labels)]
     buffer = io.BytesIO()
@@ -1053,12 +1074,25 @@ def _double_quoted(text: str) -> str:
     return f'"{text}"' if not any(c in text for c in '"$`\\!') else shlex.quote(text)
 
 
+DEFAULT_NOTEBOOK = "Vanilla_GAN.ipynb"  # what `make run` runs unless NOTEBOOK= says otherwise
+
+
+def notebook_of_run(run_dir: str | os.PathLike) -> str:
+    """The notebook that wrote the run in `run_dir` (config.json's "notebook"; MNIST's by default)."""
+    try:
+        return json.loads(Path(run_dir, "config.json").read_text()).get("notebook", DEFAULT_NOTEBOOK)
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_NOTEBOOK
+
+
 def resume_command(checkpoint: str | os.PathLike) -> str:
     """The shell command that continues a run headless, quoted so that any path works (spaces too):
     make passes PARAMS to the shell unquoted, so the path inside it carries its own quotes."""
     checkpoint = Path(checkpoint)
     params = "-p resume " + shlex.quote(str(checkpoint))
-    return f"make run RUN_DIR={shlex.quote(str(checkpoint.parent))} PARAMS={_double_quoted(params)}"
+    notebook = notebook_of_run(checkpoint.parent)
+    which = "" if notebook == DEFAULT_NOTEBOOK else f"NOTEBOOK={shlex.quote(notebook)} "
+    return f"make run {which}RUN_DIR={shlex.quote(str(checkpoint.parent))} PARAMS={_double_quoted(params)}"
 
 
 def resume_message(checkpoint: Path, epoch: int) -> str:
@@ -1069,6 +1103,63 @@ def resume_message(checkpoint: Path, epoch: int) -> str:
         f"`{resume_command(checkpoint)}` (papermill: `-p resume {shlex.quote(str(checkpoint))}`); "
         f"the run continues in {checkpoint.parent}."
     )
+
+
+def epoch_means(sums: torch.Tensor, steps: int) -> dict:
+    """Per-epoch averages from train_step's running sums [D loss, D(x), D(G(z)), G loss, G steps]
+    (this .tolist() is the host sync the training loop makes every log_every steps)."""
+    loss_d, d_x, d_gz, loss_g, g_steps = sums.tolist()
+    return {"d_loss": loss_d / steps, "g_loss": loss_g / max(g_steps, 1), "d_x": d_x / steps, "d_g_z": d_gz / steps}
+
+
+def epoch_summary(row: dict) -> str:
+    """The line printed after each epoch: losses, D's outputs, the quick scores, training time."""
+    scores = f"  FD {row['fd']:.2f}  score {row['score']:.2f}" if "fd" in row else ""
+    return (f"epoch {int(row['epoch']):3d}  D loss {row['d_loss']:.3f}  G loss {row['g_loss']:.3f}  "
+            f"D(x) {row['d_x']:.2f}  D(G(z)) {row['d_g_z']:.2f}{scores}  [{row['train_seconds']:.0f} s]")
+
+
+def snapshot(config: dict, epoch: int, parts: dict, fixed_noise: torch.Tensor, history: list) -> dict:
+    """Everything needed to continue exactly after `epoch`, as a plain dict (what checkpoint.pt holds:
+    torch.load(weights_only=True) reads it): the settings, every part's state_dict, the fixed noise,
+    the random-number state and the history. Deep copies, so later training cannot change it."""
+    return copy.deepcopy({"config": config, "epoch": epoch, **{k: part.state_dict() for k, part in parts.items()},
+                          "fixed_noise": fixed_noise, "rng": rng_state(), "history": history})
+
+
+def roll_back(state: dict, parts: dict, checkpoint_path: Path, run_path: Path) -> tuple[list, int]:
+    """Put the models, the random numbers and the files back to the snapshot `state` (after an
+    interrupt or a NaN): memory and disk then agree, and re-running the training cell continues from
+    there. Returns the snapshot's (history, epoch) for the notebook's variables."""
+    for key, part in parts.items():
+        part.load_state_dict(state[key])
+    set_rng_state(state["rng"])
+    history = copy.deepcopy(state["history"])
+    save_checkpoint(checkpoint_path, state)
+    remove_grids_after(run_path, state["epoch"])  # the unfinished epoch's grid, if it was written
+    if history:
+        write_metrics_csv(Path(run_path) / "metrics.csv", history)
+    return history, state["epoch"]
+
+
+@contextlib.contextmanager
+def rolled_back_when_stopped(roll_back_to_last_good: Callable[[], int], checkpoint_path: Path):
+    """The training loop's safety net. Ctrl-C, the stop button or SIGTERM (KeyboardInterrupt), and a
+    NaN loss (DivergenceError), call `roll_back_to_last_good()` (it returns the epoch it went back
+    to), with a second interrupt held until its save is done, then re-raise; an interrupt also
+    prints how to resume."""
+    with sigterm_as_interrupt():
+        try:
+            yield
+        except KeyboardInterrupt:
+            with interrupts_deferred(reraise=False):
+                epoch = roll_back_to_last_good()
+                print("Interrupted: the unfinished epoch was rolled back. " + resume_message(checkpoint_path, epoch))
+            raise
+        except DivergenceError:
+            with interrupts_deferred(reraise=False):
+                roll_back_to_last_good()  # the error's message says which settings to look at
+            raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -1316,15 +1407,17 @@ def check_checkpoint_fits(checkpoint_config: dict, config: dict, keys=ARCHITECTU
                               + "\nSet these parameters as the checkpoint has them, or start afresh with resume=''.")
 
 
-def export_generator(generator: torch.nn.Module, latent_dim: int, path: str | os.PathLike) -> Path:
+def export_generator(generator: torch.nn.Module, latent_dim: int, path: str | os.PathLike,
+                     image_shape: tuple = (1, 28, 28)) -> Path:
     """Export the generator with torch.export (eval mode, dynamic batch) to a .pt2 file.
 
     Load it anywhere with `torch.export.load(path).module()`: noise (N, latent_dim) -> images
-    (N, 1, 28, 28) in [-1, 1], for any batch size N >= 1 (no upper bound: memory is the limit).
+    (N, *image_shape) in [-1, 1], for any batch size N >= 1 (no upper bound: memory is the limit).
     """
-    import copy
-    # Flat 784 pixels -> (N, 1, 28, 28), the image layout other tools expect.
-    model = torch.nn.Sequential(copy.deepcopy(generator), torch.nn.Unflatten(1, (1, 28, 28))).cpu().eval()
+    # Whatever the generator's output layout (flat 784 pixels for the MLP), (N, C, H, W) images:
+    # the layout other tools expect.
+    shape = (torch.nn.Flatten(), torch.nn.Unflatten(1, tuple(image_shape)))
+    model = torch.nn.Sequential(copy.deepcopy(generator), *shape).cpu().eval()
     example = torch.randn(4, latent_dim)
     batch = torch.export.Dim("batch", min=1)  # an upper bound would be a guard that fails above it
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
@@ -1348,18 +1441,17 @@ def notebook_cells_source(notebook: str | os.PathLike, tag: str) -> str:
     return "\n\n".join(sources)
 
 
-def notebook_defaults(notebook: str | os.PathLike) -> dict:
+def notebook_defaults(notebook: str | os.PathLike, rules: dict = PARAMETER_RULES) -> dict:
     """The default hyperparameters: the notebook's `parameters` cell, executed on its own."""
     namespace = {"os": os}
     exec(notebook_cells_source(notebook, "parameters"), namespace)
-    return {k: v for k, v in namespace.items() if k in PARAMETER_RULES}
+    return {k: v for k, v in namespace.items() if k in rules}
 
 
 def load_notebook_definitions(notebook: str | os.PathLike, tag: str = "gan-core") -> dict:
     """Execute the notebook's cells tagged `tag` (class and function definitions only) in a fresh
     namespace and return it: the networks, losses and training step exactly as the notebook defines
     them. The cells see copy, torch, nn, F and gu (this module) as the notebook's first cell imports them."""
-    import copy
     import torch.nn.functional as F
     namespace = {"__name__": "vanilla_gan_notebook", "copy": copy, "torch": torch, "nn": torch.nn, "F": F,
                  "gu": sys.modules[__name__]}
