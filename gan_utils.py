@@ -996,6 +996,14 @@ def save_gif(frame_paths: list, path: str | os.PathLike, ms_per_frame: int = 200
     return len(frames)
 
 
+def save_progress_gif(run_dir: str | os.PathLike) -> int:
+    """`progress.gif` in the run directory: its per-epoch grids, each labelled with its epoch.
+    Returns the number of frames (0, writing nothing, when the run has no grids)."""
+    frames = epoch_grid_paths(run_dir)
+    labels = [f"epoch {int(p.stem.split('_')[1])}" for p in frames]
+    return save_gif(frames, Path(run_dir) / "progress.gif", labels=labels)
+
+
 def epoch_grid_paths(run_dir: str | os.PathLike) -> list[Path]:
     """The per-epoch grid PNGs of a run, in epoch order."""
     return sorted(Path(run_dir, "grids").glob("epoch_*.png"), key=lambda p: int(p.stem.split("_")[1]))
