@@ -1,11 +1,14 @@
 # Two entry points, each doing its own set-up on a fresh machine:
 #   make run    trains with the default hyperparameters, headless, into runs/<date-time>/
+#   make run-dcgan  the same for DCGAN.ipynb (colour images; CIFAR-10 by default)
 #   make test   runs the test suite
 #   make jupyter opens the notebook in JupyterLab
 # Point GAN_DATA_DIR at a directory holding MNIST/raw/ to skip the download into data/.
 
 VENV ?= .venv
 PYTHON ?= python3
+# Which notebook `make run` runs: the MNIST MLP GAN, or DCGAN.ipynb (colour images; `make run-dcgan`).
+NOTEBOOK ?= Vanilla_GAN.ipynb
 # Set once (:=), so every use is the same directory; exported, so the recipe reads it as "$$RUN_DIR":
 # the shell then takes the value as one word, whatever it holds (spaces, quotes, $).
 ifndef RUN_DIR
@@ -15,7 +18,7 @@ export RUN_DIR
 # Passed to the shell as written, so a value with spaces carries its own quotes: PARAMS="-p resume 'runs/my run/checkpoint.pt'"
 PARAMS ?=
 
-.PHONY: run test jupyter clean-venv
+.PHONY: run run-dcgan test jupyter clean-venv
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +29,12 @@ $(VENV)/.installed: requirements.txt
 # safe stop: Ctrl-C or SIGTERM interrupts the kernel, which saves a checkpoint, and the command to
 # resume is printed here. exec: make's SIGTERM then reaches the runner itself, not a shell around it.
 run: $(VENV)/.installed
-	exec $(VENV)/bin/python run_notebook.py Vanilla_GAN.ipynb -p run_dir "$$RUN_DIR" $(PARAMS)
+	exec $(VENV)/bin/python run_notebook.py $(NOTEBOOK) -p run_dir "$$RUN_DIR" $(PARAMS)
+
+# DCGAN.ipynb with its defaults on CIFAR-10 (from GAN_DATA_DIR, else downloaded into data/); point it
+# at a folder of images with PARAMS="-p dataset /path/to/folder".
+run-dcgan:
+	$(MAKE) run NOTEBOOK=DCGAN.ipynb
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q tests

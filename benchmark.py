@@ -13,6 +13,7 @@ and writes the figures as JSON.
 
     python benchmark.py --data-dir /path/to/data            # CPU, the notebook's default batch size
     python benchmark.py --device cuda --matmul-precision high   # a GPU, with TF32 matmuls
+    python benchmark.py --dcgan --data-dir /path/to/data   # DCGAN.ipynb against pytorch/examples' DCGAN
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch.utils.flop_counter import flop_registry
 import gan_utils as gu
 
 NOTEBOOK = Path(__file__).with_name("Vanilla_GAN.ipynb")
+DCGAN_NOTEBOOK = Path(__file__).with_name("DCGAN.ipynb")
 
 
 def synchronize(device: torch.device) -> None:
@@ -186,8 +188,77 @@ def peak_memory_mb(device: torch.device) -> dict:
     return out
 
 
+def time_dcgan_step(cfg: dict, train_images: torch.Tensor, seconds: float) -> dict:
+    """DCGAN.ipynb's step as its training cell runs it: its networks and settings, the MNIST notebook's
+    train_step, minibatches sliced from the uint8 tensor and scaled on the device."""
+    import image_data
+    game = gu.load_notebook_definitions(NOTEBOOK)
+    dcgan = gu.load_notebook_definitions(DCGAN_NOTEBOOK)
+    torch.manual_seed(cfg["seed"])
+    parts = dcgan["build_training_parts"](cfg, train_images.device, train_images.shape[1])
+    bs, steps_per_epoch = cfg["batch_size"], len(train_images) // cfg["batch_size"]
+    with gu.float32_matmul_precision(cfg["matmul_precision"]):
+        for number in range(1, 6):  # warm-up
+            game["train_step"](parts, image_data.to_model_range(train_images[:bs]), 0, number, steps_per_epoch, cfg)
+        images, epoch, started, sums = 0, 0, time.perf_counter(), torch.zeros(5, device=train_images.device)
+        while time.perf_counter() - started < seconds:
+            for number, batch in enumerate(gu.minibatches(train_images, bs, cfg["seed"], epoch), 1):
+                sums += game["train_step"](parts, image_data.to_model_range(batch), epoch, number, steps_per_epoch, cfg)
+                images += bs
+                if number % cfg["log_every"] == 0 and time.perf_counter() - started >= seconds:
+                    break
+            epoch += 1
+        sums.tolist()
+    elapsed = time.perf_counter() - started
+    return {"images_per_s": images / elapsed, "seconds": elapsed, "images": images}
+
+
+def time_examples_dcgan(train_folder: str, seconds: float, workers: int) -> dict:
+    """The pytorch/examples DCGAN recipe (dcgan_baseline.py): 64x64, ImageFolder + DataLoader."""
+    import dcgan_baseline
+    torch.manual_seed(0)
+    recipe, loader = dcgan_baseline.Recipe(), dcgan_baseline.examples_loader(train_folder, workers=workers)
+    images, started, done = 0, time.perf_counter(), False
+    while not done:
+        for real, _ in loader:
+            recipe.step(real)
+            images += len(real)
+            if time.perf_counter() - started >= seconds:
+                done = True
+                break
+    elapsed = time.perf_counter() - started
+    return {"images_per_s": images / elapsed, "seconds": elapsed, "images": images, "num_workers": workers}
+
+
+def dcgan_main(args) -> dict:
+    """--dcgan: DCGAN.ipynb's step against the pytorch/examples recipe, on CIFAR-10's JPEG folder."""
+    import image_data
+    cfg = gu.notebook_defaults(DCGAN_NOTEBOOK, gu.DCGAN_PARAMETER_RULES)
+    device = gu.pick_device(args.device)
+    folder = Path(args.data_dir) / "cifar10" / "train"
+    train = image_data.load_image_folder(folder, cfg["image_size"], progress=False)
+    ours = time_dcgan_step(cfg, train.images.to(device), args.seconds)
+    theirs = time_examples_dcgan(str(folder), args.seconds, workers=2)
+    result = {"device": str(device), "threads": torch.get_num_threads(), "notebook_step": ours,
+              "examples_pipeline": theirs, "speedup_vs_examples": ours["images_per_s"] / theirs["images_per_s"],
+              "settings": {k: cfg[k] for k in ("image_size", "batch_size", "g_width", "d_width", "matmul_precision")},
+              "epoch_seconds_50k": 50000 / ours["images_per_s"], "versions": gu.library_versions()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    gu.write_json(args.out, result)
+    print(f"device {device}, {torch.get_num_threads()} threads\n"
+          f"  (a) DCGAN.ipynb step      {ours['images_per_s']:8.0f} images/s  ({cfg['image_size']} px, widths "
+          f"{cfg['g_width']}/{cfg['d_width']}, batch {cfg['batch_size']}; one epoch of 50,000 in {result['epoch_seconds_50k']:.0f} s)\n"
+          f"  (b) pytorch/examples      {theirs['images_per_s']:8.0f} images/s  (64 px, ngf = ndf = 64, batch 64, "
+          f"ImageFolder + DataLoader, 2 workers)\n"
+          f"  speed-up (a)/(b)          {result['speedup_vs_examples']:8.2f}x\n  written to {args.out}")
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dcgan", action="store_true",
+                        help="time DCGAN.ipynb's step against the pytorch/examples DCGAN recipe on "
+                             "<data-dir>/cifar10/train/ instead (--device, --seconds and --out apply)")
     parser.add_argument("--data-dir", default=os.environ.get(gu.DATA_DIR_ENV, "data"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the notebook's")
@@ -200,6 +271,8 @@ def main(argv=None) -> dict:
                         help="after timing (a), profile this many of its steps and print where the time goes")
     parser.add_argument("--out", default="runs/benchmark.json")
     args = parser.parse_args(argv)
+    if args.dcgan:
+        return dcgan_main(args)
 
     cfg = gu.notebook_defaults(NOTEBOOK)
     if args.batch_size:

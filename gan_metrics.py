@@ -385,6 +385,42 @@ def reference_row(splits: MnistSplits, classifier, n: int = 10000) -> dict:
     return _evaluate(flat(splits.train_x[:n]), splits, classifier, splits.train_x[n:])
 
 
+def image_evaluation(samples: torch.Tensor, reference: torch.Tensor, nn_images: torch.Tensor | None, classifier,
+                     prepare=lambda images: images, with_classes: bool = True) -> dict:
+    """DCGAN.ipynb's final metrics of `samples` (model range, any channels and size), as one flat dict:
+    fd, kid_mean, kid_std, precision, recall on the classifier's features against the `reference`
+    images; with `with_classes` (images of the classes the classifier knows) also score and
+    frac_0..frac_9; and memorisation (nn_median_samples, nn_median_test, nn_ratio: nearest of
+    `nn_images` in pixel space, for the samples and for the reference images; None skips it).
+    `prepare` turns images into what the classifier was trained on (e.g. 64 px down to 32 px)."""
+    ref = reference_stats(classifier, prepare(reference))
+    features, probs = classifier_outputs(classifier, prepare(samples))
+    kid_mean, kid_std = kernel_distance(features, ref.features)
+    precision, recall = precision_recall(features, ref.features)
+    out = {"n_samples": len(samples), "fd": fd_to_reference(features, ref), "kid_mean": kid_mean,
+           "kid_std": kid_std, "precision": precision, "recall": recall}
+    if with_classes:
+        out.update(score=classifier_score(probs), **fraction_columns(probs))
+    return {**out, **(memorisation(samples, reference, nn_images) if nn_images is not None else {})}
+
+
+def inception_fid(samples: torch.Tensor, reference: torch.Tensor, batch_size: int = 500) -> float | str:
+    """FID on Inception-v3 features (torchmetrics, which needs the torch-fidelity package and
+    downloads the Inception weights on first use): comparable with published numbers, unlike the
+    reference classifier's FD. Returns the FID, or, when it cannot be computed here (no package, no
+    weights and no network), the reason in one line: a missing FID never stops a run."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        fid = FrechetInceptionDistance(feature=2048, normalize=True)  # normalize: images in [0, 1]
+        for images, real in ((reference, True), (samples, False)):
+            for start in range(0, len(images), batch_size):
+                chunk = (images[start:start + batch_size].float().cpu() + 1) / 2
+                fid.update(chunk.expand(-1, 3, -1, -1), real=real)  # grey images as RGB
+        return float(fid.compute())
+    except Exception as exc:  # noqa: BLE001 -- any failure means "not available here", said in one line
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'unavailable'}"
+
+
 # --------------------------------------------------------------------------------------------
 # Results table
 # --------------------------------------------------------------------------------------------
@@ -411,14 +447,18 @@ def _table_cells(metrics: dict) -> list[str]:
     return cells
 
 
-def results_table(rows: dict) -> str:
-    """Markdown table: the paper's Table 1 (Parzen only) followed by `rows` ({name: metrics dict},
-    e.g. from full_evaluation and reference_row)."""
+def results_table(rows: dict, paper: bool = True, share: str = "digit") -> str:
+    """Markdown table: the paper's Table 1 (Parzen only; `paper`) followed by `rows` ({name: metrics
+    dict}, e.g. from full_evaluation and reference_row). Without `paper` (colour images) there is no
+    Parzen column; `share` names what the last column counts."""
     header = ["Model", "Parzen LL (nats)", "FD", "KID", "Score", "Precision", "Recall",
-              "min/max digit share"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    for name, (ll, se) in PAPER_TABLE1.items():
-        lines.append("| " + " | ".join([f"{name} (paper)", _pm(ll, se, 1)] + ["-"] * 6) + " |")
+              f"min/max {share} share"]
+    keep = slice(None) if paper else slice(1, None)  # the cells after the model name
+    lines = ["| " + " | ".join([header[0]] + header[1:][keep]) + " |",
+             "|" + "|".join(["---"] * (len(header) - (0 if paper else 1))) + "|"]
+    if paper:
+        for name, (ll, se) in PAPER_TABLE1.items():
+            lines.append("| " + " | ".join([f"{name} (paper)", _pm(ll, se, 1)] + ["-"] * 6) + " |")
     for name, metrics in rows.items():
-        lines.append("| " + " | ".join([name] + _table_cells(metrics)) + " |")
+        lines.append("| " + " | ".join([name] + _table_cells(metrics)[keep]) + " |")
     return "\n".join(lines)

@@ -1459,9 +1459,9 @@ def notebook_defaults(notebook: str | os.PathLike, rules: dict = PARAMETER_RULES
 def load_notebook_definitions(notebook: str | os.PathLike, tag: str = "gan-core") -> dict:
     """Execute the notebook's cells tagged `tag` (class and function definitions only) in a fresh
     namespace and return it: the networks, losses and training step exactly as the notebook defines
-    them. The cells see copy, torch, nn, F and gu (this module) as the notebook's first cell imports them."""
+    them. The cells see copy, math, torch, nn, F and gu (this module) as the notebook's first cell imports them."""
     import torch.nn.functional as F
-    namespace = {"__name__": "vanilla_gan_notebook", "copy": copy, "torch": torch, "nn": torch.nn, "F": F,
-                 "gu": sys.modules[__name__]}
+    namespace = {"__name__": Path(notebook).stem, "copy": copy, "math": math, "torch": torch, "nn": torch.nn,
+                 "F": F, "gu": sys.modules[__name__]}
     exec(compile(notebook_cells_source(notebook, tag), str(notebook), "exec"), namespace)
     return namespace

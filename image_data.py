@@ -88,6 +88,17 @@ class ImageSet:
         return len(self.images)
 
 
+def shuffled(s: ImageSet, seed: int = 0) -> ImageSet:
+    """The same images in a fixed random order (a seeded permutation), labels along."""
+    order = torch.randperm(len(s), generator=torch.Generator().manual_seed(seed))
+    return ImageSet(s.images[order], None if s.labels is None else s.labels[order], s.class_names, s.source)
+
+
+def subset(s: ImageSet, n: int) -> ImageSet:
+    """The first `n` images (all of them when there are fewer)."""
+    return ImageSet(s.images[:n], None if s.labels is None else s.labels[:n], s.class_names, s.source)
+
+
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 images (N, C, H, W) -> float32 of the same shape in [-1, 1] (gan_utils.to_model_range,
     which flattens to (N, C*H*W), reshaped back)."""
