@@ -228,7 +228,7 @@ def decode_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
         # Cropped first: resize(box=...) would blend in pixels from outside the square at its edges.
         square = img.crop((left, top, left + side, top + side))
         out = square.resize((image_size, image_size), Image.Resampling.LANCZOS, reducing_gap=3.0)
-        return np.asarray(out, dtype=np.uint8)
+        return np.array(out, dtype=np.uint8)  # writable (np.asarray of a PIL image is read-only)
 
 
 def _cache_key(files: list[tuple[str, int, int]], image_size: int) -> str:
