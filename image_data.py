@@ -239,7 +239,7 @@ def decode_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
         # Cropped first: resize(box=...) would blend in pixels from outside the square at its edges.
         square = img.crop((left, top, left + side, top + side))
         out = square.resize((image_size, image_size), Image.Resampling.LANCZOS, reducing_gap=3.0)
-        return np.asarray(out, dtype=np.uint8)
+        return np.array(out, dtype=np.uint8)  # writable (np.asarray of a PIL image is read-only)
 
 
 def _cache_key(files: list[tuple[str, int, int]], image_size: int) -> str:
@@ -486,8 +486,9 @@ def load_cifar10(data_dir: str | os.PathLike, download: bool = True, timeout: fl
         missing = [n for n in needed if not (folder / n).is_file()]
     if missing:
         why = "downloading is off" if not download else "the folder exists but is incomplete (delete it to download afresh)"
-        raise DataError(f"CIFAR-10 is not complete in {folder.resolve()}: missing {', '.join(missing)}, "
-                        f"and {why}. " + _cifar_where(data_dir))
+        where = (f"is not complete in {folder.resolve()}: missing {', '.join(missing)}," if folder.exists()
+                 else f"is not in {folder.resolve()} (no such folder),")
+        raise DataError(f"CIFAR-10 {where} and {why}. " + _cifar_where(data_dir))
     meta = _unpickle(folder / "batches.meta")
     names = meta.get("label_names")
     if not isinstance(names, list) or not names:
