@@ -126,6 +126,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/dcgan_baseline.json")
     a = p.parse_args(argv)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # before training: a bad path fails now, not after it
 
     torch.manual_seed(a.seed)
     test = image_data.load_image_folder(a.test_folder, 32)
@@ -153,9 +154,8 @@ def main(argv=None) -> dict:
     final = gm.image_evaluation(to_32(samples), reference_images, None, classifier)  # no memorisation check
     result = {"args": vars(a), "train_seconds": clock.elapsed(), "images_seen": images,
               "epochs_completed": epochs, "curve": curve, "final": final}
-    gu.save_grid(samples[:64], Path(a.out).with_suffix(".png"))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     gu.write_json(a.out, result)
+    gu.save_grid(samples[:64], Path(a.out).with_suffix(".png"))
     print(json.dumps(final), flush=True)
     return result
 
