@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -66,7 +67,15 @@ def examples_discriminator(ndf: int = 64, nc: int = 3) -> nn.Module:
 
 def examples_loader(folder: str, batch_size: int = 64, workers: int = 2, image_size: int = 64):
     from torchvision import datasets, transforms
-    dataset = datasets.ImageFolder(folder, transform=transforms.Compose([
+
+    class VisibleImageFolder(datasets.ImageFolder):
+        # The one departure from pytorch/examples: hidden folders are not classes. ImageFolder would
+        # take the `.gan-cache/` that DCGAN.ipynb writes into a writable image folder for a class.
+        def find_classes(self, directory):
+            classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+            return classes, {name: i for i, name in enumerate(classes)}
+
+    dataset = VisibleImageFolder(folder, transform=transforms.Compose([
         transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor(),
         transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
@@ -134,16 +143,14 @@ def main(argv=None) -> dict:
     classifier = cifar_classifier.load_classifier()
     reference = gm.reference_stats(classifier, reference_images)
     recipe, loader = Recipe(), examples_loader(a.train_folder, workers=a.workers)
-    clock, curve, images, epochs, next_score = gu.Stopwatch(), [], 0, 0, a.score_every
+    clock, curve, images, next_score = gu.Stopwatch(), [], 0, a.score_every
     while clock.elapsed() < a.seconds:
         clock.start()
         for real, _ in loader:
             recipe.step(real)
             images += len(real)
             if clock.elapsed() >= min(next_score, a.seconds):
-                break
-        else:
-            epochs += 1
+                break  # (the next pass over the loader starts a fresh shuffle, as a new epoch would)
         clock.stop()
         if clock.elapsed() >= next_score or clock.elapsed() >= a.seconds:
             quick = gm.quick_scores(classifier, to_32(recipe.samples(2000, a.seed + 1)), reference)
@@ -153,7 +160,7 @@ def main(argv=None) -> dict:
     samples = recipe.samples(a.eval_samples, a.seed + 4)
     final = gm.image_evaluation(to_32(samples), reference_images, None, classifier)  # no memorisation check
     result = {"args": vars(a), "train_seconds": clock.elapsed(), "images_seen": images,
-              "epochs_completed": epochs, "curve": curve, "final": final}
+              "epochs_seen": images / len(loader.dataset), "curve": curve, "final": final}
     gu.write_json(a.out, result)
     gu.save_grid(samples[:64], Path(a.out).with_suffix(".png"))
     print(json.dumps(final), flush=True)

@@ -52,7 +52,7 @@ def dcgan_runs(tmp_path_factory, data_dir, tiny_cifar):
         key = tuple(sorted(params.items()))
         if key not in cache:
             tmp = tmp_path_factory.mktemp("dcgan")
-            full = dict(TINY, dataset=str(tiny_cifar), run_dir=str(tmp / "run"), **params)
+            full = {**TINY, "dataset": str(tiny_cifar), "run_dir": str(tmp / "run"), **params}
             cache[key] = execute_cached(tmp, data_dir, notebook=DCGAN, **full)
         return cache[key]
 
