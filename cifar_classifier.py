@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from image_data import to_model_range  # uint8 -> [-1, 1], shape kept
+from image_data import to_model_range
+from mnist_classifier import FeatureClassifier  # normalise, features, features_and_logits, forward  # uint8 -> [-1, 1], shape kept
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "cifar10_classifier.pt"
 WEIGHTS_FORMAT = "cifar10-classifier/1"
@@ -65,7 +66,7 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
-class CifarClassifier(nn.Module):
+class CifarClassifier(FeatureClassifier):
     """prep (w) -> stage 2w + max-pool + residual -> stage 4w + max-pool -> stage 8w + max-pool +
     residual -> global max pool (the 8w = 256 feature layer) -> linear 10, scaled by 1/8 (logits).
 
@@ -96,25 +97,8 @@ class CifarClassifier(nn.Module):
         x = self.layer3(self.layer2(self.layer1(self.prep(x))))
         return torch.amax(x, dim=(2, 3))
 
-    def normalise(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Pooled activations -> metric features (centred, one common scale)."""
-        return (hidden - self.feature_mean) / self.feature_scale
-
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden) * self.head_scale
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The penultimate layer as metric features (N, 256)."""
-        return self.normalise(self.hidden(x))
-
-    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both from one pass through the network."""
-        hidden = self.hidden(x)
-        return self.normalise(hidden), self.logits_from_hidden(hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits (N, 10)."""
-        return self.logits_from_hidden(self.hidden(x))
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:

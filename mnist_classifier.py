@@ -37,7 +37,30 @@ FEATURE_DIM = 128
 RETRAIN_COMMAND = "python mnist_classifier.py --data-dir <dir holding MNIST/raw> --threads 1"
 
 
-class MnistClassifier(nn.Module):
+class FeatureClassifier(nn.Module):
+    """What gan_metrics needs of a reference classifier, shared by MnistClassifier and
+    cifar_classifier.CifarClassifier: a subclass defines `hidden(x)` (the penultimate layer),
+    `logits_from_hidden(hidden)` and the buffers `feature_mean` and `feature_scale`."""
+
+    def normalise(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations -> metric features (centred, one common scale)."""
+        return (hidden - self.feature_mean) / self.feature_scale
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate layer as metric features (N, feature dim)."""
+        return self.normalise(self.hidden(x))
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both from one pass through the network."""
+        hidden = self.hidden(x)
+        return self.normalise(hidden), self.logits_from_hidden(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (N, 10)."""
+        return self.logits_from_hidden(self.hidden(x))
+
+
+class MnistClassifier(FeatureClassifier):
     """conv 5x5/2 (32) -> conv 5x5/2 (64) -> FC 128 (the feature layer) -> ReLU -> FC 10 (logits).
 
     Input: images in the model range [-1, 1], shaped (N, 784) or (N, 1, 28, 28).
@@ -70,26 +93,9 @@ class MnistClassifier(nn.Module):
         x = F.relu(self.conv2(x))
         return self.fc(x.flatten(1))
 
-    def normalise(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Pre-activations -> metric features (centred, one common scale)."""
-        return (hidden - self.feature_mean) / self.feature_scale
-
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """The classification head: ReLU, dropout (training only), FC 10."""
         return self.head(self.dropout(F.relu(hidden)))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The penultimate layer as metric features (N, 128)."""
-        return self.normalise(self.hidden(x))
-
-    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both from one pass through the network."""
-        hidden = self.hidden(x)
-        return self.normalise(hidden), self.logits_from_hidden(hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits (N, 10)."""
-        return self.logits_from_hidden(self.hidden(x))
 
 
 @torch.inference_mode()
