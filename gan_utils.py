@@ -432,8 +432,9 @@ def _is_str(v):
     return isinstance(v, str)
 
 
-# The values of torch.set_float32_matmul_precision (notebook parameter `matmul_precision`).
-MATMUL_PRECISIONS = ("highest", "high", "medium")
+# The values of torch.set_float32_matmul_precision (notebook parameter `matmul_precision`), and "auto":
+# chosen by the hardware (gan_speed.resolve_matmul_precision).
+MATMUL_PRECISIONS = ("auto", "highest", "high", "medium")
 
 # name -> (check, the allowed values in words). The notebook's parameters cell holds the defaults.
 PARAMETER_RULES = {
@@ -465,7 +466,8 @@ PARAMETER_RULES = {
     "metrics_samples": (_positive_int, "an integer >= 1"),
     "eval_samples": (_non_negative_int, "0 (skip the final evaluation) or an integer >= 1"),
     "log_every": (_positive_int, "an integer >= 1 (steps)"),
-    "matmul_precision": (lambda v: v in MATMUL_PRECISIONS, "'highest', 'high' or 'medium'"),
+    "matmul_precision": (lambda v: v in MATMUL_PRECISIONS, "'auto', 'highest', 'high' or 'medium'"),
+    "cuda_graphs": (_is_bool, "True or False; True replays the training step as CUDA graphs on a CUDA GPU"),
 }
 
 # DCGAN.ipynb's parameters: the same names where the meaning is the same, its own for the data and
@@ -1140,7 +1142,9 @@ def roll_back(state: dict, parts: dict, checkpoint_path: Path, run_path: Path) -
     interrupt or a NaN): memory and disk then agree, and re-running the training cell continues from
     there. Returns the snapshot's (history, epoch) for the notebook's variables."""
     for key, part in parts.items():
-        part.load_state_dict(state[key])
+        # A copy: an optimizer's load_state_dict keeps the given state tensors as its own, so training
+        # after the rollback would change the snapshot, and a second rollback to it would be inexact.
+        part.load_state_dict(copy.deepcopy(state[key]))
     set_rng_state(state["rng"])
     history = copy.deepcopy(state["history"])
     save_checkpoint(checkpoint_path, state)
