@@ -7,19 +7,23 @@ Measures, in one process on one machine:
   (b) a naive reference pipeline, written the way typical GAN repos train: torchvision's MNIST
       Dataset with ToTensor + Normalize, a shuffling DataLoader, Sigmoid + BCELoss, a fresh noise
       batch (second G forward) for the generator step, default Adam, `.item()` every step;
-  (c) the fp32 matrix-multiply peak (GFLOP/s) of this machine, measured on the spot.
+  (c) the fp32 matrix-multiply peak (GFLOP/s) of this machine, measured on the spot;
+  (d) a short training run of the notebook's recipe: minutes of training to a score of 9.
 It prints images/s for (a) and (b), their ratio, (a)'s FLOP rate as a share of (c) and peak memory,
 and writes the figures as JSON.
 
     python benchmark.py --data-dir /path/to/data            # CPU, the notebook's default batch size
     python benchmark.py --device cuda --matmul-precision high   # a GPU, with TF32 matmuls
     python benchmark.py --dcgan --data-dir /path/to/data   # DCGAN.ipynb against pytorch/examples' DCGAN
+    python benchmark.py --score-epochs 0                   # (a), (b), (c) only: skip the timed training run
+    python benchmark.py --device cuda --cuda-graphs        # (a) replayed from CUDA graphs
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +32,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+import gan_speed as gs
 import gan_utils as gu
 
 NOTEBOOK = Path(__file__).with_name("Vanilla_GAN.ipynb")
@@ -80,19 +85,22 @@ def build_models(nb: dict, cfg: dict, device: torch.device):
     return G, D
 
 
-def time_notebook_step(nb: dict, cfg: dict, train_x: torch.Tensor, seconds: float, profile_steps: int = 0) -> dict:
-    """(a): the notebook's train_step over its minibatches, as the training cell runs it; then, if
-    profile_steps, torch.profiler over that many more steps: where the step's time goes. The caller
-    sets the matmul precision, as the training cell does."""
+def time_notebook_step(nb: dict, cfg: dict, train_x: torch.Tensor, seconds: float, profile_steps: int = 0,
+                       cuda_graphs: bool = False) -> dict:
+    """(a): the notebook's train_step over its minibatches, as the training cell runs it (replayed
+    from CUDA graphs if cuda_graphs, on a CUDA device); then, if profile_steps, torch.profiler over
+    that many more steps: where the step's time goes. The caller sets the matmul precision, as the
+    training cell does."""
     device = train_x.device
     torch.manual_seed(cfg["seed"])
     parts = nb["build_training_parts"](cfg, device)
     bs = cfg["batch_size"]
     steps_per_epoch = len(train_x) // bs
     r1_every = cfg["r1_every"] if cfg["r1_gamma"] > 0 else 0
+    runner = gs.step_runner(nb, parts, cfg, (bs, *train_x.shape[1:]), device, cuda_graphs)
 
     def step(real, number, epoch=0):
-        return nb["train_step"](parts, real, epoch, number, steps_per_epoch, cfg)
+        return runner(real, epoch, number, steps_per_epoch)
 
     real = train_x[:bs]
     # Matmul FLOPs, forward and backward, of a plain step and of a step with the R1 penalty: on average
@@ -181,6 +189,35 @@ def time_naive_pipeline(nb: dict, cfg: dict, data_dir: str, device: torch.device
             "num_workers": num_workers}
 
 
+def time_to_score(args, cfg: dict, device: torch.device) -> dict:
+    """A short training run of the notebook's recipe (sweep.py: the notebook's own step, scored on
+    2,000 samples after every epoch as the notebook does), stopped at the first epoch that reaches
+    the target score: how many seconds of training a user waits for good samples on this machine."""
+    import sweep
+    with tempfile.TemporaryDirectory() as tmp:
+        run = sweep.main(["--data-dir", args.data_dir, "--device", str(device), "--epochs", str(args.score_epochs),
+                          "--stop-at-score", str(args.score_target), "--final-samples", "0",
+                          "--batch-size", str(cfg["batch_size"]), "--r1-gamma", str(cfg["r1_gamma"]),
+                          "--r1-every", str(cfg["r1_every"]), "--matmul-precision", cfg["matmul_precision"],
+                          "--train-subset", str(args.train_subset), "--out", str(Path(tmp) / "run.json")]
+                         + (["--cuda-graphs"] if args.cuda_graphs else []))
+    rows = run["rows"]
+    reached = next((row for row in rows if row["score"] >= args.score_target), None)
+    return {"target": args.score_target, "reached": reached is not None,
+            "epoch": reached["epoch"] if reached else None,
+            "train_seconds": reached["train_seconds"] if reached else None,
+            "best_score": max(row["score"] for row in rows), "epochs_run": len(rows),
+            "train_seconds_run": rows[-1]["train_seconds"], "curve": [(r["epoch"], r["train_seconds"], r["score"]) for r in rows]}
+
+
+def time_to_score_line(t: dict) -> str:
+    if t["reached"]:
+        return (f"  time to a score of {t['target']:g}     {t['train_seconds'] / 60:8.1f} min of training "
+                f"(epoch {t['epoch']})\n")
+    return (f"  time to a score of {t['target']:g}        not reached in {t['epochs_run']} epochs "
+            f"({t['train_seconds_run'] / 60:.1f} min; best {t['best_score']:.2f})\n")
+
+
 def peak_memory_mb(device: torch.device) -> dict:
     out = {"peak_rss_mb": gu.peak_rss_mb()}
     if device.type == "cuda":
@@ -235,6 +272,7 @@ def dcgan_main(args) -> dict:
     import image_data
     cfg = gu.notebook_defaults(DCGAN_NOTEBOOK, gu.DCGAN_PARAMETER_RULES)
     device = gu.pick_device(args.device)
+    cfg["matmul_precision"] = gs.resolve_matmul_precision(cfg["matmul_precision"], device)[0]
     folder = Path(args.data_dir) / "cifar10" / "train"
     train = image_data.load_image_folder(folder, cfg["image_size"], progress=False)
     ours = time_dcgan_step(cfg, train.images.to(device), args.seconds)
@@ -265,10 +303,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--seconds", type=float, default=20.0, help="timing window per pipeline")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of the naive pipeline")
     parser.add_argument("--r1-gamma", type=float, default=None, help="override the notebook's (0: no R1 step)")
+    parser.add_argument("--r1-every", type=int, default=None, help="override the notebook's steps between R1 steps")
     parser.add_argument("--matmul-precision", choices=gu.MATMUL_PRECISIONS, default=None,
                         help="float32 matmul precision of (a); default: the notebook's")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after timing (a), profile this many of its steps and print where the time goes")
+    parser.add_argument("--cuda-graphs", action="store_true", help="time (a) replayed from CUDA graphs (CUDA only)")
+    parser.add_argument("--score-epochs", type=int, default=60, metavar="N",
+                        help="then train the notebook's recipe for up to N epochs, scored after each, and report "
+                             "the training time to --score-target (0 skips this run)")
+    parser.add_argument("--score-target", type=float, default=9.0, help="the classifier score of the timed run")
+    parser.add_argument("--train-subset", type=int, default=0, help="training images of the timed run (0: all)")
     parser.add_argument("--out", default="runs/benchmark.json")
     args = parser.parse_args(argv)
     if args.dcgan:
@@ -279,9 +324,12 @@ def main(argv=None) -> dict:
         cfg["batch_size"] = args.batch_size
     if args.r1_gamma is not None:
         cfg["r1_gamma"] = args.r1_gamma
+    if args.r1_every is not None:
+        cfg["r1_every"] = args.r1_every
     if args.matmul_precision:
         cfg["matmul_precision"] = args.matmul_precision
     device = gu.pick_device(args.device)
+    cfg["matmul_precision"], precision_reason = gs.resolve_matmul_precision(cfg["matmul_precision"], device)
     nb = gu.load_notebook_definitions(NOTEBOOK)
     data = gu.load_mnist(args.data_dir, device=device, download=True)
 
@@ -289,7 +337,7 @@ def main(argv=None) -> dict:
     reduced = cfg["matmul_precision"] != "highest"
     with gu.float32_matmul_precision(cfg["matmul_precision"]):  # (a) only, as the notebook trains
         peak_at_precision = matmul_peak_gflops(device) if reduced else peak
-        ours = time_notebook_step(nb, cfg, data.train_x, args.seconds, args.profile)
+        ours = time_notebook_step(nb, cfg, data.train_x, args.seconds, args.profile, args.cuda_graphs)
     naive = time_naive_pipeline(nb, cfg, args.data_dir, device, args.seconds, args.num_workers)
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "batch_size": cfg["batch_size"], "r1_gamma": cfg["r1_gamma"],
@@ -302,6 +350,9 @@ def main(argv=None) -> dict:
         **peak_memory_mb(device), "versions": gu.library_versions(),
     }
     extra = ""
+    if args.score_epochs:
+        result["time_to_score"] = time_to_score(args, cfg, device)
+        extra += time_to_score_line(result["time_to_score"])
     if reduced:
         result["matmul_peak_gflops_at_precision"] = peak_at_precision
         result["share_of_matmul_peak_at_precision"] = ours["gflops"] / peak_at_precision
@@ -316,7 +367,7 @@ def main(argv=None) -> dict:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     gu.write_json(args.out, result)
     print(f"device {device}, {torch.get_num_threads()} threads, batch size {cfg['batch_size']}, r1_gamma {cfg['r1_gamma']}"
-          f", matmul precision {cfg['matmul_precision']}\n"
+          f", matmul precision {cfg['matmul_precision']} ({precision_reason})\n"
           f"  matmul peak (fp32)        {peak:8.1f} GFLOP/s\n"
           f"  (a) notebook step         {ours['images_per_s']:8.0f} images/s  "
           f"({ours['gflops']:.1f} GFLOP/s = {result['share_of_matmul_peak']:.0%} of peak, "

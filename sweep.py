@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import gan_metrics as gm
+import gan_speed as gs
 import gan_utils as gu
 from mnist_classifier import load_classifier
 
@@ -61,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--score-at", type=int, nargs="*", default=[], metavar="EPOCH",
                    help="also give the final scores (on --final-samples) after these epochs")
     p.add_argument("--save-weights", default="", help="write G, D and G_ema's state dicts here at the end")
+    p.add_argument("--stop-at-score", type=float, default=0.0, metavar="SCORE",
+                   help="stop after the first epoch whose score (2,000 samples) reaches SCORE (0: never)")
+    p.add_argument("--device", default="cpu", help="'cpu' (default), 'cuda', 'auto', ...: where it trains")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the step as CUDA graphs (on a CUDA device)")
     a = p.parse_args(argv)
     try:
         gu.validate_parameters(recipe(a))
@@ -92,32 +97,38 @@ def main(argv=None) -> dict:
     # (building the classifier draws its initial weights before loading its own), so that training
     # starts from the same weights and the same random-number stream as the notebook's.
     gu.seed_everything(a.seed)
-    data = gu.load_mnist(a.data_dir, train_subset=a.train_subset)
-    classifier = load_classifier()
+    device = gu.pick_device(a.device)
+    data = gu.load_mnist(a.data_dir, device=device, train_subset=a.train_subset)
+    classifier = load_classifier(device=device)
     ref = gm.reference_stats(classifier, data.test_x)
-    parts = nb["build_training_parts"](s, "cpu")
-    torch.randn(64, a.latent_dim)  # the notebook's fixed noise for its grids
+    parts = nb["build_training_parts"](s, device)
+    torch.randn(64, a.latent_dim, device=device)  # the notebook's fixed noise for its grids
     sampler = parts["G_ema"] if a.ema_decay > 0 else parts["G"]
     # Other averages of the very same training run: a controlled comparison of EMA decays (the
     # updates read G's weights only, so they change neither the training nor its random numbers).
     also_ema = {decay: copy.deepcopy(parts["G"]).eval().requires_grad_(False) for decay in a.also_ema}
     steps_per_epoch = len(data.train_x) // a.batch_size
+    precision, why = gs.resolve_matmul_precision(a.matmul_precision, device)
+    print(f"training matmul precision: {precision} ({why})", flush=True)
+    step_fn = gs.step_runner(nb, parts, s, (a.batch_size, *data.train_x.shape[1:]), device, a.cuda_graphs)
 
     def final_scores_of(generator):  # the same 10,000 latents whenever and whichever generator is scored
         return final_scores(classifier, gu.generate_images(generator, a.final_samples, a.latent_dim, seed=a.seed + 4), ref)
 
     clock, rows = gu.Stopwatch(), []
-    result = {"args": vars(a), "rows": rows}
+    result = {"args": vars(a), "rows": rows, "matmul_precision_resolved": precision}
     for epoch in range(a.epochs):
         clock.start()
         parts["G"].train(), parts["D"].train()
-        with gu.float32_matmul_precision(a.matmul_precision):  # training only; scores in float32
+        with gu.float32_matmul_precision(precision):  # training only; scores in float32
             for step, real in enumerate(gu.minibatches(data.train_x, a.batch_size, a.seed, epoch), 1):
-                nb["train_step"](parts, real, epoch, step, steps_per_epoch, s)
+                step_fn(real, epoch, step, steps_per_epoch)
                 if also_ema and step % a.d_steps == 0:
                     g_steps = (epoch * steps_per_epoch + step) // a.d_steps
                     for decay, averaged in also_ema.items():
-                        nb["update_ema"](averaged, parts["G"], nb["ema_decay_at"](g_steps, decay))
+                        nb["update_ema"](averaged, parts["G"], 1.0 - nb["ema_decay_at"](g_steps, decay))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the epoch's kernels have finished: its time is all counted
         clock.stop()
         if sampler is parts["G_ema"]:
             nb["recalibrate_batchnorm"](sampler, a.latent_dim, seed=a.seed)
@@ -126,6 +137,8 @@ def main(argv=None) -> dict:
         if epoch + 1 in a.score_at and a.final_samples:  # one run gives, e.g., 60 and 80 epochs
             rows[-1]["final"] = final_scores_of(sampler)
         print(json.dumps(rows[-1]), flush=True)
+        if a.stop_at_score and quick["score"] >= a.stop_at_score:
+            break
     if a.final_samples:
         # Scored already if the last epoch was in --score-at: the same generator and latents.
         result["final"] = (rows[-1].get("final") if rows else None) or final_scores_of(sampler)

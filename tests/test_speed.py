@@ -89,7 +89,7 @@ def test_benchmark_writes_its_figures(tmp_path, data_dir):
 
     out = tmp_path / "bench.json"
     result = benchmark.main(["--data-dir", str(data_dir), "--seconds", "1", "--batch-size", "64",
-                             "--out", str(out)])
+                             "--score-epochs", "0", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["batch_size"] == 64
     for key in ("matmul_peak_gflops", "speedup_vs_naive", "share_of_matmul_peak", "peak_rss_mb"):
@@ -106,7 +106,7 @@ def test_benchmark_without_r1_counts_the_plain_step_and_profiles_it(tmp_path, da
     import benchmark
 
     result = benchmark.main(["--data-dir", str(data_dir), "--seconds", "1", "--batch-size", "64",
-                             "--r1-gamma", "0", "--profile", "5", "--out", str(tmp_path / "bench.json")])
+                             "--r1-gamma", "0", "--profile", "5", "--score-epochs", "0", "--out", str(tmp_path / "bench.json")])
     # By hand from the layer shapes: 14.486 M multiply-adds per image for a D and a G step.
     assert result["r1_gamma"] == 0
     assert result["notebook_step"]["flops_per_image"] == pytest.approx(28.97e6, rel=1e-3)
@@ -121,9 +121,28 @@ def test_benchmark_at_reduced_matmul_precision_reports_both_peaks(tmp_path, data
     import benchmark
 
     result = benchmark.main(["--data-dir", str(data_dir), "--seconds", "1", "--batch-size", "64",
-                             "--matmul-precision", "medium", "--out", str(tmp_path / "bench.json")])
+                             "--matmul-precision", "medium", "--score-epochs", "0", "--out", str(tmp_path / "bench.json")])
     assert result["matmul_precision"] == "medium"
     assert result["matmul_peak_gflops_at_precision"] > 0
     assert result["share_of_matmul_peak_at_precision"] == pytest.approx(
         result["notebook_step"]["gflops"] / result["matmul_peak_gflops_at_precision"])
     assert torch.get_float32_matmul_precision() == "highest"  # set for (a) only
+
+
+@pytest.mark.parametrize("target, reached", [(1.0, True), (10.5, False)])
+def test_benchmark_times_a_short_training_run_to_the_target_score(tmp_path, data_dir, target, reached):
+    # The default target is 9 after minutes of training; here a tiny subset, 2 epochs at most, and a
+    # target that every run reaches at once (a score is at least 1) or that none can (10 is the maximum).
+    import benchmark
+
+    out = tmp_path / "bench.json"
+    result = benchmark.main(["--data-dir", str(data_dir), "--seconds", "0.5", "--batch-size", "64",
+                             "--score-epochs", "2", "--score-target", str(target), "--train-subset", "512",
+                             "--out", str(out)])
+    timed = json.loads(out.read_text())["time_to_score"]
+    assert timed == result["time_to_score"] and timed["target"] == target and timed["reached"] is reached
+    if reached:
+        assert timed["epoch"] == 1 and timed["epochs_run"] == 1 and 0 < timed["train_seconds"] < 60
+    else:
+        assert timed["epoch"] is None and timed["epochs_run"] == 2 and 1 <= timed["best_score"] <= 10
+    assert [row[0] for row in timed["curve"]] == list(range(1, timed["epochs_run"] + 1))
