@@ -207,13 +207,13 @@ def time_to_score(args, cfg: dict, device: torch.device) -> dict:
             "epoch": reached["epoch"] if reached else None,
             "train_seconds": reached["train_seconds"] if reached else None,
             "best_score": max(row["score"] for row in rows), "epochs_run": len(rows),
-            "train_seconds_run": rows[-1]["train_seconds"], "curve": [(r["epoch"], r["train_seconds"], r["score"]) for r in rows]}
+            "train_seconds_run": rows[-1]["train_seconds"], "curve": [{k: r[k] for k in ("epoch", "train_seconds", "score")} for r in rows]}
 
 
 def time_to_score_line(t: dict) -> str:
     if t["reached"]:
         return (f"  time to a score of {t['target']:g}     {t['train_seconds'] / 60:8.1f} min of training "
-                f"(epoch {t['epoch']})\n")
+                f"({t['train_seconds']:.0f} s, epoch {t['epoch']})\n")
     return (f"  time to a score of {t['target']:g}        not reached in {t['epochs_run']} epochs "
             f"({t['train_seconds_run'] / 60:.1f} min; best {t['best_score']:.2f})\n")
 

@@ -145,4 +145,4 @@ def test_benchmark_times_a_short_training_run_to_the_target_score(tmp_path, data
         assert timed["epoch"] == 1 and timed["epochs_run"] == 1 and 0 < timed["train_seconds"] < 60
     else:
         assert timed["epoch"] is None and timed["epochs_run"] == 2 and 1 <= timed["best_score"] <= 10
-    assert [row[0] for row in timed["curve"]] == list(range(1, timed["epochs_run"] + 1))
+    assert [row["epoch"] for row in timed["curve"]] == list(range(1, timed["epochs_run"] + 1))

@@ -529,10 +529,10 @@ def test_update_ema_math(nb):
         for p in model.parameters():
             p.fill_(1.0)
         model[1].running_mean.fill_(7.0)
-    nb["update_ema"](ema, model, decay=0.9)
+    nb["update_ema"](ema, model, weight=0.1)  # weight = 1 - decay: theta_ema moves 10% of the way
     for p in ema.parameters():
         assert torch.allclose(p, torch.full_like(p, 0.1))
-    nb["update_ema"](ema, model, decay=0.9)
+    nb["update_ema"](ema, model, weight=torch.tensor(0.1))  # a captured step passes a 0-d tensor
     for p in ema.parameters():
         assert torch.allclose(p, torch.full_like(p, 0.19))
     assert ema[1].running_mean.item() == 7.0  # buffers are copied, not averaged
@@ -637,7 +637,7 @@ def test_metrics_csv_round_trip(tmp_path):
 
 def test_notebook_definitions_present(nb):
     for name in ("Generator", "Discriminator", "discriminator_loss", "generator_loss", "r1_penalty",
-                 "adversarial_update", "r1_step", "ema_decay_at", "update_ema", "train_step",
+                 "adversarial_update", "r1_step", "ema_decay_at", "update_ema", "step_schedule", "apply_step", "train_step",
                  "recalibrate_batchnorm", "build_training_parts"):
         assert name in nb, name
 
@@ -730,13 +730,13 @@ def test_train_step_schedule_of_g_r1_and_ema_steps(nb, monkeypatch):
     parts, s = recipe(nb, d_steps=2, r1_every=3)
     calls = []
     monkeypatch.setitem(nb, "r1_step", lambda *args: calls.append("r1"))
-    monkeypatch.setitem(nb, "update_ema", lambda ema, G, decay: calls.append(("ema", decay)))
+    monkeypatch.setitem(nb, "update_ema", lambda ema, G, weight: calls.append(("ema", 1.0 - weight)))
     real = torch.rand(16, 784) * 2 - 1
     for step in range(1, 7):
         calls.append(step)
         stats = nb["train_step"](parts, real, 1, step, 10, s)
         assert stats[4].item() == float(step % 2 == 0)  # 1 when G was updated
-    ema = [("ema", nb["ema_decay_at"](g_steps, s["ema_decay"])) for g_steps in (6, 7, 8)]
+    ema = [("ema", pytest.approx(nb["ema_decay_at"](g_steps, s["ema_decay"]), abs=1e-12)) for g_steps in (6, 7, 8)]
     assert calls == [1, 2, ema[0], 3, "r1", 4, ema[1], 5, 6, "r1", ema[2]]
 
 
@@ -748,7 +748,7 @@ def test_train_step_is_the_update_then_r1_then_ema(nb):
     torch.manual_seed(5)
     nb["adversarial_update"](b["G"], b["D"], b["opt_G"], b["opt_D"], real, 16, s["g_loss"], 1.0, True)
     nb["r1_step"](b["D"], b["opt_D"], real, s["r1_gamma"], 1)
-    nb["update_ema"](b["G_ema"], b["G"], nb["ema_decay_at"](1, s["ema_decay"]))
+    nb["update_ema"](b["G_ema"], b["G"], 1.0 - nb["ema_decay_at"](1, s["ema_decay"]))
     for key in ("G", "D", "G_ema"):
         for name, tensor in a[key].state_dict().items():
             assert torch.equal(tensor, b[key].state_dict()[name]), f"{key}.{name}"
