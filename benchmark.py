@@ -341,7 +341,8 @@ def main(argv=None) -> dict:
     naive = time_naive_pipeline(nb, cfg, args.data_dir, device, args.seconds, args.num_workers)
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "batch_size": cfg["batch_size"], "r1_gamma": cfg["r1_gamma"],
-        "matmul_precision": cfg["matmul_precision"],
+        "matmul_precision": cfg["matmul_precision"], "matmul_precision_reason": precision_reason,
+        "cuda_graphs": args.cuda_graphs and device.type == "cuda",
         "matmul_peak_gflops": peak,
         "notebook_step": ours, "naive_pipeline": naive,
         "speedup_vs_naive": ours["images_per_s"] / naive["images_per_s"],

@@ -70,7 +70,7 @@ def examples_loader(folder: str, batch_size: int = 64, workers: int = 2, image_s
 
     class VisibleImageFolder(datasets.ImageFolder):
         # The one departure from pytorch/examples: hidden folders are not classes. ImageFolder would
-        # take the `.gan-cache/` that DCGAN.ipynb writes into a writable image folder for a class.
+        # take one for a class (e.g. the `.ipynb_checkpoints/` that Jupyter leaves in folders it opens).
         def find_classes(self, directory):
             classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
             return classes, {name: i for i, name in enumerate(classes)}

@@ -18,9 +18,10 @@ that batch to the model range [-1, 1] (`to_model_range` below, which wraps gan_u
 
 Cache
 -----
-A folder's decoded tensor is stored in `<folder>/.gan-cache/<S>px.pt`, inside the data folder so
-that it goes wherever the data goes and is deleted with it (hidden, so it is never taken for a
-class or an image). When the folder is not writable (shared, read-only data: no write permission
+A folder's decoded tensor is stored next to it, as the hidden file `.<foldername>.gan-cache-<S>px.pt`
+in the folder's parent: beside the data, so that it is found wherever the data is, but never inside
+the folder, where torchvision's `ImageFolder` (and other tools that list a folder) would take a cache
+directory for a class. When the parent is not writable (shared, read-only data: no write permission
 bits, a read-only file system, or a failed write) the cache goes to the user cache directory,
 `$XDG_CACHE_HOME/gan-notebooks/` (default `~/.cache/gan-notebooks/`), as
 `<foldername>-<hash of the folder's absolute path>-<S>px.pt`. An explicit `cache_dir` replaces
@@ -29,7 +30,7 @@ image file, the image size and this module's preprocessing version: adding, remo
 touching any image makes it stale, and a stale cache is rebuilt, never used. Caches are written
 atomically (temporary file, then os.replace) and read with `torch.load(weights_only=True)` (they
 hold only tensors, strings and ints); an unreadable one is ignored with a one-line note and rebuilt.
-Delete `.gan-cache/` (or the user cache directory) to reclaim the space.
+Delete the `.<foldername>.gan-cache-*.pt` files (or the user cache directory) to reclaim the space.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from gan_utils import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DATASETS = ("cifar10", "mnist")
-CACHE_DIR_NAME = ".gan-cache"
+CACHE_SUFFIX = ".gan-cache"
 USER_CACHE_SUBDIR = "gan-notebooks"
 # Bump when decoding/cropping/resizing changes: old caches then count as stale.
 CACHE_FORMAT = "image-folder-cache/1"
@@ -268,13 +269,23 @@ def _is_writable_dir(path: Path) -> bool:
 
 def cache_paths(folder: str | os.PathLike, image_size: int, cache_dir: str | os.PathLike | None = None) -> list[Path]:
     """Where the cache of `folder` at `image_size` may be, in the order tried: `cache_dir` alone when
-    given; else `<folder>/.gan-cache/<S>px.pt`, then the user cache directory."""
+    given; else beside the folder (`<parent>/.<name>.gan-cache-<S>px.pt`), then the user cache
+    directory."""
     folder = Path(folder).resolve()
     tag = hashlib.sha256(str(folder).encode()).hexdigest()[:12]
     elsewhere_name = f"{folder.name or 'root'}-{tag}-{image_size}px.pt"
     if cache_dir is not None:
         return [Path(cache_dir).expanduser() / elsewhere_name]
-    return [folder / CACHE_DIR_NAME / f"{image_size}px.pt", user_cache_dir() / elsewhere_name]
+    elsewhere = user_cache_dir() / elsewhere_name
+    if folder.parent == folder:  # the file system's root has no "beside"
+        return [elsewhere]
+    return [beside_cache_path(folder, image_size), elsewhere]
+
+
+def beside_cache_path(folder: str | os.PathLike, image_size: int) -> Path:
+    """The cache's first place: a hidden file in the folder's parent, named after the folder."""
+    folder = Path(folder).resolve()
+    return folder.parent / f".{folder.name}{CACHE_SUFFIX}-{image_size}px.pt"
 
 
 def _read_cache(path: Path, key: str) -> dict | None:

@@ -90,10 +90,13 @@ def test_class_subfolders_sorted_and_labelled(tmp_path):
     first = idt.load_image_folder(folder, 8, progress=False)
     assert first.class_names == ["cat", "dog", "emu"]
     assert first.labels.tolist() == [0, 0, 0, 1, 1, 2] and first.labels.dtype == torch.int64
-    # The cache (.gan-cache inside the folder) is not taken for a class on the next load.
-    assert (folder / idt.CACHE_DIR_NAME).is_dir()
+    # The cache lies beside the folder, not in it: nothing new inside, so no new class for any tool.
+    assert idt.beside_cache_path(folder, 8).is_file() and idt.beside_cache_path(folder, 8).parent == tmp_path
+    assert sorted(p.name for p in folder.iterdir()) == [".trash", "cat", "dog", "emu"]
     second = idt.load_image_folder(folder, 8, progress=False)
     assert second.class_names == first.class_names and torch.equal(second.images, first.images)
+    from torchvision import datasets  # what a user's other code would do with the same folder
+    assert datasets.ImageFolder(str(folder), allow_empty=True).classes == [".trash", "cat", "dog", "emu"]
 
 
 def test_any_size_and_mode_gives_rgb_squares(tmp_path):
@@ -154,7 +157,7 @@ def test_truncated_jpeg_is_named_with_the_count_of_fine_ones(tmp_path, monkeypat
     msg = str(err.value)
     assert "broken.jpg" in msg and "other 3 were fine" in msg and "re-save" in msg
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
-    assert not (folder / idt.CACHE_DIR_NAME).exists()  # nothing written before the error
+    assert not idt.beside_cache_path(folder, 8).exists()  # nothing written before the error
 
 
 def test_not_an_image_despite_extension(tmp_path):
@@ -219,7 +222,7 @@ def make_folder(root: Path, n: int = 3) -> Path:
 def test_cache_is_reused_without_decoding(tmp_path, monkeypatch):
     folder = make_folder(tmp_path / "f")
     first = idt.load_image_folder(folder, 8, progress=False)
-    assert (folder / idt.CACHE_DIR_NAME / "8px.pt").is_file()
+    assert idt.beside_cache_path(folder, 8).is_file()
 
     def fail(*_):
         raise AssertionError("decoded although the cache is valid")
@@ -258,18 +261,19 @@ def test_stale_cache_is_rebuilt(tmp_path, counting_decoder, change):
 
 def test_read_only_folder_caches_in_the_user_cache(tmp_path, private_user_cache, counting_decoder):
     # Runs as root too: the writability check honours the permission bits, which root's writes ignore.
-    folder = make_folder(tmp_path / "ro")
-    folder.chmod(0o555)
+    parent = tmp_path / "shared"
+    folder = make_folder(parent / "ro")
+    parent.chmod(0o555)  # the cache's first place is the folder's parent
     try:
         idt.load_image_folder(folder, 8, progress=False)
-        assert not (folder / idt.CACHE_DIR_NAME).exists()
+        assert not idt.beside_cache_path(folder, 8).exists()
         cached = list(private_user_cache.glob("ro-*-8px.pt"))
         assert len(cached) == 1
         counting_decoder.clear()
         idt.load_image_folder(folder, 8, progress=False)
         assert not counting_decoder
     finally:
-        folder.chmod(0o755)
+        parent.chmod(0o755)
 
 
 def test_failed_write_falls_back_too(tmp_path, private_user_cache, monkeypatch):
@@ -278,7 +282,7 @@ def test_failed_write_falls_back_too(tmp_path, private_user_cache, monkeypatch):
     real = idt._write_cache
 
     def refuse_inside(path, blob):
-        if idt.CACHE_DIR_NAME in path.parts:
+        if path == idt.beside_cache_path(folder, 8):
             raise PermissionError(13, "Permission denied", str(path))
         real(path, blob)
 
@@ -291,13 +295,13 @@ def test_explicit_cache_dir(tmp_path):
     folder = make_folder(tmp_path / "f")
     idt.load_image_folder(folder, 8, cache_dir=tmp_path / "mine", progress=False)
     assert len(list((tmp_path / "mine").glob("f-*-8px.pt"))) == 1
-    assert not (folder / idt.CACHE_DIR_NAME).exists()
+    assert not idt.beside_cache_path(folder, 8).exists()
 
 
 def test_corrupt_cache_is_ignored_with_a_note(tmp_path, capsys, counting_decoder):
     folder = make_folder(tmp_path / "f")
     first = idt.load_image_folder(folder, 8, progress=False)
-    cache = folder / idt.CACHE_DIR_NAME / "8px.pt"
+    cache = idt.beside_cache_path(folder, 8)
     cache.write_bytes(cache.read_bytes()[:200])
     counting_decoder.clear()
     capsys.readouterr()
@@ -311,8 +315,7 @@ def test_corrupt_cache_is_ignored_with_a_note(tmp_path, capsys, counting_decoder
 
 def test_cache_with_foreign_objects_is_refused(tmp_path, capsys):
     folder = make_folder(tmp_path / "f")
-    cache = folder / idt.CACHE_DIR_NAME / "8px.pt"
-    cache.parent.mkdir()
+    cache = idt.beside_cache_path(folder, 8)
     torch.save({"format": idt.CACHE_FORMAT, "key": Path("x")}, cache)  # not loadable weights_only
     idt.load_image_folder(folder, 8, progress=False)
     assert "ignoring unreadable image cache" in capsys.readouterr().out
