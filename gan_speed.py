@@ -78,16 +78,18 @@ class CudaGraphBackend:
         return out
 
     def capture(self, fn: Callable):
-        # Records fn's kernels without running them; returns (graph, fn's outputs, which every replay
-        # overwrites in place).
+        # Records fn's kernels without running them. The handle: the graph and fn's outputs, static
+        # tensors that every replay overwrites in place.
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self.stream):
             out = fn()
         return graph, out
 
     @staticmethod
-    def replay(graph) -> None:
+    def replay(handle):
+        graph, out = handle
         graph.replay()
+        return out
 
 
 class EagerBackend:
@@ -104,23 +106,11 @@ class EagerBackend:
 
     def capture(self, fn: Callable):
         self.captures += 1
-        state = {"fn": fn, "out": None}
-        return state, _LazyOutput(state)
+        return fn
 
     @staticmethod
-    def replay(graph) -> None:
-        graph["out"] = graph["fn"]()
-
-
-class _LazyOutput:
-    """The emulated graph's output: whatever its last replay returned (a graph's outputs are static
-    tensors that each replay overwrites; here each replay makes a new one)."""
-
-    def __init__(self, state: dict):
-        self.state = state
-
-    def get(self):
-        return self.state["out"]
+    def replay(handle):
+        return handle()
 
 
 def _captured_tensors(parts: dict) -> list[torch.Tensor]:
@@ -171,7 +161,7 @@ class CapturedSteps:
         self.warmup = warmup
         self.real = torch.zeros(batch_shape, device=self.device)  # the static minibatch
         self.ema_weight = torch.zeros((), device=self.device)      # the static 1 - beta_t
-        self.graphs: dict[tuple, tuple] = {}                       # kind -> (graph, outputs)
+        self.graphs: dict[tuple, object] = {}                      # kind -> the backend's handle
         self.eager_steps: dict[tuple, int] = {}
         self.fingerprint = None
         if isinstance(self.backend, CudaGraphBackend):
@@ -204,9 +194,7 @@ class CapturedSteps:
             weight = self.ema_weight if ema_weight is not None else None
             self.graphs[kind] = self.backend.capture(
                 lambda: self.apply(self.parts, self.real, self.settings, update_g, r1, weight))
-        graph, out = self.graphs[kind]
-        self.backend.replay(graph)
-        return out.get() if isinstance(out, _LazyOutput) else out
+        return self.backend.replay(self.graphs[kind])
 
 
 def step_runner(nb: dict, parts: dict, settings: dict, batch_shape: tuple, device: torch.device,
