@@ -165,10 +165,7 @@ class CapturedSteps:
         self.eager_steps: dict[tuple, int] = {}
         self.fingerprint = None
         if isinstance(self.backend, CudaGraphBackend):
-            for part in parts.values():  # Adam keeps its step count on the device: safe to capture
-                if isinstance(part, torch.optim.Optimizer):
-                    for group in part.param_groups:
-                        group["capturable"] = True
+            set_capturable(parts, True)
 
     def _current_fingerprint(self) -> tuple:
         return _baked_in(self.parts, self.settings), tuple(t.data_ptr() for t in _captured_tensors(self.parts))
@@ -197,6 +194,17 @@ class CapturedSteps:
         return self.backend.replay(self.graphs[kind])
 
 
+def set_capturable(parts: dict, capturable: bool) -> None:
+    """Adam's `capturable` flag on every optimizer of `parts`: True keeps its step count and bias
+    corrections on the device, as a CUDA graph needs; off CUDA, Adam's foreach kernel (the one used
+    on MPS) refuses True. The flag travels in checkpoints and snapshots, so each training run sets
+    it for the step it runs."""
+    for part in parts.values():
+        if isinstance(part, torch.optim.Optimizer):
+            for group in part.param_groups:
+                group["capturable"] = capturable
+
+
 def step_runner(nb: dict, parts: dict, settings: dict, batch_shape: tuple, device: torch.device,
                 cuda_graphs: bool, report: Callable[[str], None] = print) -> Callable:
     """The training step for one run of the training cell: `run(real, epoch, step, steps_per_epoch)`.
@@ -207,6 +215,7 @@ def step_runner(nb: dict, parts: dict, settings: dict, batch_shape: tuple, devic
     device = torch.device(device)
     if cuda_graphs and device.type == "cuda":
         return CapturedSteps(nb["step_schedule"], nb["apply_step"], parts, settings, batch_shape, device)
+    set_capturable(parts, False)  # e.g. resuming on MPS from a checkpoint of a captured GPU run
     if cuda_graphs:
         report(f"cuda_graphs = True needs a CUDA device; this run trains on {device.type}, so the step "
                "runs as written (eager). Set cuda_graphs = False to silence this.")

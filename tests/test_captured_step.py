@@ -206,3 +206,21 @@ def test_training_after_a_rollback_leaves_the_snapshot_as_it_was(nb, tmp_path):
                    for name, v in state.items())
         assert all(torch.equal(v, before[key]["state"][i][name]) for i, state in parts[key].state_dict()["state"].items()
                    for name, v in state.items())
+
+
+def test_a_checkpoint_of_a_captured_run_trains_eagerly_elsewhere(nb):
+    # A GPU run with cuda_graphs saves Adam's param groups with capturable=True. Resumed where Adam
+    # runs its foreach kernel (Apple's MPS; here the CPU stands in), capturable=True raises; the eager
+    # runner sets it back for the run it makes.
+    s = settings()
+    parts = fresh_parts(nb, s)
+    gs.set_capturable(parts, True)
+    saved = {k: parts[k].state_dict() for k in ("opt_G", "opt_D")}
+    resumed = fresh_parts(nb, s)
+    for k, net in (("opt_G", "G"), ("opt_D", "D")):
+        resumed[k] = torch.optim.Adam(resumed[net].parameters(), foreach=True)
+        resumed[k].load_state_dict(saved[k])
+    assert resumed["opt_D"].param_groups[0]["capturable"] is True
+    run = gs.step_runner(nb, resumed, s, (16, 784), torch.device("cpu"), cuda_graphs=False)
+    assert resumed["opt_D"].param_groups[0]["capturable"] is False
+    train(run, batches(2))  # with capturable=True: "params and state_steps must be on supported devices"
