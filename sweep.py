@@ -14,6 +14,7 @@ defaults from the notebook). Two sweeps at once on a 2-core machine: give each `
     python sweep.py --epochs 12                            # the notebook's defaults, 12 epochs
     python sweep.py --epochs 40 --r1-gamma 0 --d-dropout 0.1
     python sweep.py --epochs 80 --score-at 40 60             # one run: 40, 60 and 80 epochs
+    python sweep.py --epochs 60 --stop-at-score 9 --final-samples 0   # training time to a score of 9
 """
 
 from __future__ import annotations
