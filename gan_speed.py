@@ -176,8 +176,9 @@ class CapturedSteps:
         if real.shape != self.real.shape:
             raise ValueError(f"a captured step takes minibatches of shape {tuple(self.real.shape)}, "
                              f"got {tuple(real.shape)}: re-run the training cell after changing batch_size")
-        if self.eager_steps.get(kind, 0) < self.warmup:
-            self.eager_steps[kind] = self.eager_steps.get(kind, 0) + 1
+        eager_so_far = self.eager_steps.get(kind, 0)
+        if eager_so_far < self.warmup:
+            self.eager_steps[kind] = eager_so_far + 1
             return self.backend.warm_up(lambda: self.apply(self.parts, real, self.settings, update_g, r1, ema_weight))
         if step == 1 or kind not in self.graphs:  # checked at each epoch's start, and before a capture
             fingerprint = self._current_fingerprint()
