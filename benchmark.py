@@ -34,6 +34,7 @@ from torch.utils.flop_counter import flop_registry
 
 import gan_speed as gs
 import gan_utils as gu
+import mnist_data
 
 NOTEBOOK = Path(__file__).with_name("Vanilla_GAN.ipynb")
 DCGAN_NOTEBOOK = Path(__file__).with_name("DCGAN.ipynb")
@@ -80,8 +81,8 @@ class CountFlops(TorchDispatchMode):
 
 def build_models(nb: dict, cfg: dict, device: torch.device):
     torch.manual_seed(cfg["seed"])
-    G = nb["Generator"](cfg["latent_dim"], cfg["g_batchnorm"]).to(device)
-    D = nb["Discriminator"](cfg["d_dropout"]).to(device)
+    G = nb["Generator"](cfg["latent_dim"], cfg["g_hidden"], cfg["g_batchnorm"]).to(device)
+    D = nb["Discriminator"](cfg["d_hidden"], cfg["d_dropout"]).to(device)
     return G, D
 
 
@@ -297,7 +298,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--dcgan", action="store_true",
                         help="time DCGAN.ipynb's step against the pytorch/examples DCGAN recipe on "
                              "<data-dir>/cifar10/train/ instead (--device, --seconds and --out apply)")
-    parser.add_argument("--data-dir", default=os.environ.get(gu.DATA_DIR_ENV, "data"))
+    parser.add_argument("--data-dir", default=os.environ.get(mnist_data.DATA_DIR_ENV, "data"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the notebook's")
     parser.add_argument("--seconds", type=float, default=20.0, help="timing window per pipeline")
@@ -331,7 +332,7 @@ def main(argv=None) -> dict:
     device = gu.pick_device(args.device)
     cfg["matmul_precision"], precision_reason = gs.resolve_matmul_precision(cfg["matmul_precision"], device)
     nb = gu.load_notebook_definitions(NOTEBOOK)
-    data = gu.load_mnist(args.data_dir, device=device, download=True)
+    data = mnist_data.load_mnist(args.data_dir, device=device, download=True)
 
     peak = matmul_peak_gflops(device)  # plain float32: the yardstick whatever (a) runs at
     reduced = cfg["matmul_precision"] != "highest"

@@ -222,7 +222,7 @@ def save_classifier(model: CifarClassifier, path: str | os.PathLike, meta: dict)
     types, so weights_only loading works. Written atomically."""
     import io
 
-    from gan_utils import atomic_write_bytes
+    from run_safety import atomic_write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,13 +8,13 @@ Three sources, one result (`ImageSet`: uint8 images (N, C, S, S) on the CPU, lab
   tens of thousands of files takes a while, so the result is cached (see "Cache" below).
 * `load_cifar10(data_dir)`: CIFAR-10 in torchvision's python format (`cifar-10-batches-py/`),
   downloaded when missing.
-* `load_mnist32(data_dir)`: MNIST (via gan_utils) zero-padded to 32x32, one channel.
+* `load_mnist32(data_dir)`: MNIST (via mnist_data) zero-padded to 32x32, one channel.
 
 `load_dataset(dataset, data_dir, image_size)` picks one of them from a notebook parameter.
 
 The images stay uint8 (a quarter of float32's memory, 150 MB for CIFAR-10's 50,000 training
 images at 32 px); the training loop slices a minibatch (`gan_utils.minibatches`) and converts only
-that batch to the model range [-1, 1] (`to_model_range` below, which wraps gan_utils').
+that batch to the model range [-1, 1] (`to_model_range` below, which wraps mnist_data's).
 
 Cache
 -----
@@ -54,7 +54,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageOps
 
 import gan_utils as gu
-from gan_utils import DataError
+import mnist_data
+from mnist_data import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DATASETS = ("cifar10", "mnist")
@@ -101,9 +102,9 @@ def subset(s: ImageSet, n: int) -> ImageSet:
 
 
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> float32 of the same shape in [-1, 1] (gan_utils.to_model_range,
+    """uint8 images (N, C, H, W) -> float32 of the same shape in [-1, 1] (mnist_data.to_model_range,
     which flattens to (N, C*H*W), reshaped back)."""
-    return gu.to_model_range(images_uint8).view(images_uint8.shape)
+    return mnist_data.to_model_range(images_uint8).view(images_uint8.shape)
 
 
 def check_enough_images(n: int, batch_size: int, what: str = "the training set") -> None:
@@ -412,7 +413,7 @@ def _store(blob: dict, candidates: list[Path], explicit: bool) -> Path | None:
 # --------------------------------------------------------------------------------------------
 
 def _cifar_where(data_dir) -> str:
-    return (f"Point `data_dir` (or the {gu.DATA_DIR_ENV} environment variable) at a directory holding "
+    return (f"Point `data_dir` (or the {mnist_data.DATA_DIR_ENV} environment variable) at a directory holding "
             f"{CIFAR10_FOLDER}/ (torchvision's CIFAR-10 python format, from {CIFAR10_URL}), or at one "
             "holding cifar10/train/ and cifar10/test/ image folders, or set `dataset` to a folder of "
             "images instead of 'cifar10'.")
@@ -519,15 +520,15 @@ def load_cifar10(data_dir: str | os.PathLike, download: bool = True, timeout: fl
 def load_mnist32(data_dir: str | os.PathLike, download: bool = True) -> tuple[ImageSet, ImageSet]:
     """MNIST as uint8 (N, 1, 32, 32): the 28x28 digits zero-padded by 2 pixels on each side (so a
     DCGAN's 32 -> 16 -> 8 -> 4 stack fits). Train = the first 50,000 training images (the paper's
-    split, gan_utils.N_TRAIN), test = the 10,000 test images; labels kept."""
-    arrays = gu.load_mnist_arrays(data_dir, download=download)
+    split, mnist_data.N_TRAIN), test = the 10,000 test images; labels kept."""
+    arrays = mnist_data.load_mnist_arrays(data_dir, download=download)
 
     def split(images: np.ndarray, labels: np.ndarray, what: str) -> ImageSet:
         padded = np.pad(images, ((0, 0), (2, 2), (2, 2)))[:, None]
         return ImageSet(torch.from_numpy(padded.copy()), torch.from_numpy(labels.astype(np.int64)),
                         [str(d) for d in range(10)], f"MNIST {what} ({Path(data_dir).expanduser()})")
 
-    return (split(arrays["train_images"][:gu.N_TRAIN], arrays["train_labels"][:gu.N_TRAIN], "train"),
+    return (split(arrays["train_images"][:mnist_data.N_TRAIN], arrays["train_labels"][:mnist_data.N_TRAIN], "train"),
             split(arrays["test_images"], arrays["test_labels"], "test"))
 
 

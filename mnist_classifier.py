@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gan_utils import load_mnist
+from mnist_data import load_mnist
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "mnist_classifier.pt"
 WEIGHTS_FORMAT = "mnist-classifier/1"

@@ -12,11 +12,11 @@ exits with 128 + the signal's number, printing how to resume (read from the run 
 signal only says that it is still waiting; a third kills the kernel without saving (the checkpoint
 already on disk stays).
 
-Parameters are papermill's `-p name value` pairs (values typed as papermill types them). run_dir
-defaults as in the notebook (the resumed checkpoint's directory, else runs/<date-time>/) and is
-always passed to the notebook, so both agree; the executed notebook goes to <run_dir>/<notebook>
-unless -o says otherwise. Before anything is written, a run directory that holds another run or is
-in use by another process is refused (gan_utils.check_run_dir), so the executed notebook of a
+Parameters are papermill's `-p name value` pairs (values typed as papermill types them; a list such
+as `-p d_hidden '[512, 256]'` too). run_dir defaults as in the notebook (the resumed checkpoint's
+directory, else runs/<date-time>/) and is always passed to the notebook, so both agree; the executed
+notebook goes to <run_dir>/<notebook> unless -o says otherwise. Before anything is written, a run directory that holds another run or is
+in use by another process is refused (run_safety.check_run_dir), so the executed notebook of a
 finished run is never overwritten.
 
 Exit status: 0 done; 1 a cell failed; 2 refused before starting; 128 + N stopped by signal N (130
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import shlex
@@ -39,7 +40,13 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def typed(value: str):
-    """A `-p` value typed as papermill's command line types it (True/False/None, int, float, str)."""
+    """A `-p` value typed as papermill's command line types it (True/False/None, int, float, str), and
+    a list in brackets read as JSON (papermill's own command line needs -y for a list)."""
+    if value.startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value  # the notebook's parameter check says what is wrong with it
     if value in ("True", "False", "None"):
         return {"True": True, "False": False, "None": None}[value]
     for kind in (int, float):
@@ -103,8 +110,8 @@ class Stopper:
         name = signal.Signals(signum).name
         if len(self.signals) == 1:
             reached = self.cells_started > 0 and self.signal_kernel(signal.SIGINT)
-            # The resume report needs gan_utils (torch: seconds to import): load it while the kernel saves.
-            threading.Thread(target=importlib.import_module, args=("gan_utils",), daemon=True).start()
+            # The resume report needs run_safety (torch: seconds to import): load it while the kernel saves.
+            threading.Thread(target=importlib.import_module, args=("run_safety",), daemon=True).start()
             say(f"\n{name}: stopping. " + ("Interrupted the kernel: it rolls back to the last completed "
                                           "epoch and saves the checkpoint; waiting for it."
                                           if reached else "No cell is running; none will start."))
@@ -141,26 +148,26 @@ def has_entries(path: Path) -> bool:
 
 
 def refuse_taken_run_dir(run_dir: Path, parameters: dict) -> None:
-    """gan_utils.check_run_dir before anything is written (imported only when the directory has
-    something in it: gan_utils imports torch, seconds that a fresh directory need not wait)."""
+    """run_safety.check_run_dir before anything is written (imported only when the directory has
+    something in it: run_safety imports torch, seconds that a fresh directory need not wait)."""
     if has_entries(run_dir):
-        import gan_utils as gu
-        gu.check_run_dir(run_dir, str(parameters.get("resume") or ""),
-                         bool(parameters.get("overwrite", False)))
+        import run_safety
+        run_safety.check_run_dir(run_dir, str(parameters.get("resume") or ""),
+                                 bool(parameters.get("overwrite", False)))
 
 
 def resume_report(run_dir: Path) -> str:
     """How to continue, read from the run directory: its checkpoint and the epoch it holds."""
-    import gan_utils as gu
+    import run_safety
     checkpoint = run_dir / "checkpoint.pt"
     if not checkpoint.is_file():
         return (f"No checkpoint in {run_dir} yet: nothing to resume. Start again with "
                 f"`make run RUN_DIR={shlex.quote(str(run_dir))}` or another RUN_DIR.")
     try:
-        epoch = gu.load_checkpoint(checkpoint)["epoch"]
-    except gu.CheckpointError as exc:
+        epoch = run_safety.load_checkpoint(checkpoint)["epoch"]
+    except run_safety.CheckpointError as exc:
         return f"The checkpoint cannot be resumed: {exc}"
-    return gu.resume_message(checkpoint, epoch)
+    return run_safety.resume_message(checkpoint, epoch)
 
 
 def execute(args, run_dir: Path, output: Path, stopper: Stopper) -> tuple[int, str]:
@@ -197,7 +204,7 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = args.parameters
-    # The notebook's own rule (gan_utils.resolve_run_dir), without importing torch for it.
+    # The notebook's own rule (run_safety.resolve_run_dir), without importing torch for it.
     if params.get("run_dir"):
         run_dir = Path(str(params["run_dir"])).expanduser()
     elif params.get("resume"):

@@ -13,6 +13,7 @@ defaults from the notebook). Two sweeps at once on a 2-core machine: give each `
 
     python sweep.py --epochs 12                            # the notebook's defaults, 12 epochs
     python sweep.py --epochs 40 --r1-gamma 0 --d-dropout 0.1
+    python sweep.py --epochs 40 --d-hidden 1024 512 256       # the wider discriminator
     python sweep.py --epochs 80 --score-at 40 60             # one run: 40, 60 and 80 epochs
     python sweep.py --epochs 60 --stop-at-score 9 --final-samples 0   # training time to a score of 9
 """
@@ -30,13 +31,14 @@ import torch
 import gan_metrics as gm
 import gan_speed as gs
 import gan_utils as gu
+import mnist_data
 from mnist_classifier import load_classifier
 
 NOTEBOOK = Path(__file__).with_name("Vanilla_GAN.ipynb")
 # The notebook parameters a sweep may change (the others are about files, logging and evaluation).
 RECIPE_PARAMETERS = ("seed", "train_subset", "batch_size", "d_steps", "lr_g", "lr_d", "beta1", "g_loss",
-                     "label_smoothing", "r1_gamma", "r1_every", "ema_decay", "latent_dim", "g_batchnorm",
-                     "d_dropout", "matmul_precision")
+                     "label_smoothing", "r1_gamma", "r1_every", "ema_decay", "latent_dim", "g_hidden", "d_hidden",
+                     "g_batchnorm", "d_dropout", "matmul_precision")
 
 
 def parse_bool(text: str) -> bool:
@@ -50,11 +52,14 @@ def parse_bool(text: str) -> bool:
 def parse_args(argv=None) -> argparse.Namespace:
     defaults = gu.notebook_defaults(NOTEBOOK)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=os.environ.get(gu.DATA_DIR_ENV, "data"))
+    p.add_argument("--data-dir", default=os.environ.get(mnist_data.DATA_DIR_ENV, "data"))
     p.add_argument("--out", default="runs/sweep.json")
     p.add_argument("--epochs", type=int, default=12)
     for name in RECIPE_PARAMETERS:  # typed like the notebook's default; checked by the notebook's rules
         default = defaults[name]
+        if isinstance(default, list):  # layer widths: --d-hidden 1024 512 256
+            p.add_argument("--" + name.replace("_", "-"), type=int, nargs="+", default=default, help=f"default {default!r}")
+            continue
         kind = parse_bool if isinstance(default, bool) else type(default)
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=f"default {default!r}")
     p.add_argument("--also-ema", type=float, nargs="*", default=[], metavar="DECAY",
@@ -99,7 +104,7 @@ def main(argv=None) -> dict:
     # starts from the same weights and the same random-number stream as the notebook's.
     gu.seed_everything(a.seed)
     device = gu.pick_device(a.device)
-    data = gu.load_mnist(a.data_dir, device=device, train_subset=a.train_subset)
+    data = mnist_data.load_mnist(a.data_dir, device=device, train_subset=a.train_subset)
     classifier = load_classifier(device=device)
     ref = gm.reference_stats(classifier, data.test_x)
     parts = nb["build_training_parts"](s, device)

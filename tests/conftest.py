@@ -25,8 +25,9 @@ if str(REPO_ROOT) not in sys.path:  # `import gan_utils` from the repository roo
     sys.path.insert(0, str(REPO_ROOT))
 
 import gan_utils  # noqa: E402
+import mnist_data  # noqa: E402
 
-RAW_NAMES = [spec.name for spec in gan_utils.MNIST_FILES.values()]
+RAW_NAMES = [spec.name for spec in mnist_data.MNIST_FILES.values()]
 
 # Tiny settings for notebook runs: 8 steps per epoch, seconds per run on a laptop CPU.
 TINY_PARAMS = dict(train_subset=512, batch_size=64, epochs=2, metrics_samples=256, eval_samples=500,
@@ -43,7 +44,7 @@ def is_machine_column(name: str) -> bool:
 
 def data_root_from_env() -> Path:
     """GAN_DATA_DIR (default "data"), relative paths taken from the repository root like the notebook."""
-    path = Path(os.environ.get(gan_utils.DATA_DIR_ENV, "data")).expanduser()
+    path = Path(os.environ.get(mnist_data.DATA_DIR_ENV, "data")).expanduser()
     return path if path.is_absolute() else REPO_ROOT / path
 
 
@@ -51,8 +52,8 @@ def pytest_sessionstart(session):
     """Every run of the suite gets MNIST the way `make run` does, or stops in seconds saying how."""
     root = data_root_from_env()
     try:
-        gan_utils.ensure_mnist(root, download=True, timeout=10)
-    except gan_utils.DataError as exc:
+        mnist_data.ensure_mnist(root, download=True, timeout=10)
+    except mnist_data.DataError as exc:
         pytest.exit(f"The tests need MNIST. {exc}", returncode=3)
 
 

@@ -1,4 +1,4 @@
-"""gan_utils' MNIST loading: the paper's split, verified files, clear errors, safe downloads."""
+"""mnist_data: MNIST loading: the paper's split, verified files, clear errors, safe downloads."""
 
 from __future__ import annotations
 
@@ -14,20 +14,21 @@ import pytest
 import torch
 
 import gan_utils as gu
+import mnist_data
 from conftest import RAW_NAMES, listing
 
-TEST_IMAGES = gu.MNIST_FILES["test_images"].name
-TEST_LABELS = gu.MNIST_FILES["test_labels"].name
+TEST_IMAGES = mnist_data.MNIST_FILES["test_images"].name
+TEST_LABELS = mnist_data.MNIST_FILES["test_labels"].name
 
 
 @pytest.fixture(scope="module")
 def splits(data_dir):
-    return gu.load_mnist(data_dir, download=False)
+    return mnist_data.load_mnist(data_dir, download=False)
 
 
 @pytest.fixture(scope="module")
 def arrays(data_dir):
-    return gu.load_mnist_arrays(data_dir, download=False)
+    return mnist_data.load_mnist_arrays(data_dir, download=False)
 
 
 def no_network(*args, **kwargs):
@@ -67,31 +68,31 @@ def test_labels_are_digits(splits, split):
 def test_split_is_the_papers(splits, arrays):
     # train = first 50,000 of the training file, val = its last 10,000, test = the test file
     train_images, train_labels = arrays["train_images"], arrays["train_labels"]
-    assert torch.equal(splits.train_x, gu.to_model_range(train_images[:50_000]))
-    assert torch.equal(splits.val_x, gu.to_model_range(train_images[50_000:]))
-    assert torch.equal(splits.test_x, gu.to_model_range(arrays["test_images"]))
+    assert torch.equal(splits.train_x, mnist_data.to_model_range(train_images[:50_000]))
+    assert torch.equal(splits.val_x, mnist_data.to_model_range(train_images[50_000:]))
+    assert torch.equal(splits.test_x, mnist_data.to_model_range(arrays["test_images"]))
     assert torch.equal(splits.train_y, torch.as_tensor(train_labels[:50_000].astype(np.int64)))
     assert torch.equal(splits.val_y, torch.as_tensor(train_labels[50_000:].astype(np.int64)))
     assert torch.equal(splits.test_y, torch.as_tensor(arrays["test_labels"].astype(np.int64)))
 
 
 def test_to_model_range_values():
-    x = gu.to_model_range(np.array([[[0, 255], [127, 128]]], dtype=np.uint8))
+    x = mnist_data.to_model_range(np.array([[[0, 255], [127, 128]]], dtype=np.uint8))
     assert x.shape == (1, 4) and x.dtype == torch.float32
     assert x[0, 0].item() == -1.0 and x[0, 1].item() == 1.0
     assert abs(x[0, 2].item() + 1 / 255) < 1e-6 and abs(x[0, 3].item() - 1 / 255) < 1e-6
-    assert torch.allclose(gu.to_unit_range(x), torch.tensor([[0.0, 1.0, 127 / 255, 128 / 255]]))
+    assert torch.allclose(mnist_data.to_unit_range(x), torch.tensor([[0.0, 1.0, 127 / 255, 128 / 255]]))
 
 
 def test_train_subset_keeps_val_and_test(data_dir, splits):
-    small = gu.load_mnist(data_dir, train_subset=1000, download=False)
+    small = mnist_data.load_mnist(data_dir, train_subset=1000, download=False)
     assert small.train_x.shape == (1000, 784) and small.train_y.shape == (1000,)
     assert torch.equal(small.train_x, splits.train_x[:1000])
     assert torch.equal(small.train_y, splits.train_y[:1000])
     assert torch.equal(small.val_x, splits.val_x) and torch.equal(small.test_x, splits.test_x)
     # more than the training set, or 0, means all 50,000
-    assert gu.load_mnist(data_dir, train_subset=10 ** 6, download=False).train_x.shape == (50_000, 784)
-    assert gu.load_mnist(data_dir, train_subset=0, download=False).train_x.shape == (50_000, 784)
+    assert mnist_data.load_mnist(data_dir, train_subset=10 ** 6, download=False).train_x.shape == (50_000, 784)
+    assert mnist_data.load_mnist(data_dir, train_subset=0, download=False).train_x.shape == (50_000, 784)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,8 +147,8 @@ def test_missing_files_without_download(tmp_path, monkeypatch):
     monkeypatch.setattr("urllib.request.urlopen", no_network)
     root = tmp_path / "empty"
     (root / "MNIST" / "raw").mkdir(parents=True)
-    with pytest.raises(gu.DataError) as info:
-        gu.load_mnist(root, download=False)
+    with pytest.raises(mnist_data.DataError) as info:
+        mnist_data.load_mnist(root, download=False)
     msg = str(info.value)
     assert str((root / "MNIST" / "raw").resolve()) in msg
     for name in RAW_NAMES:
@@ -159,8 +160,8 @@ def test_missing_files_without_download(tmp_path, monkeypatch):
 def test_missing_directory_without_download_creates_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr("urllib.request.urlopen", no_network)
     root = tmp_path / "nowhere"
-    with pytest.raises(gu.DataError) as info:
-        gu.ensure_mnist(root, download=False)
+    with pytest.raises(mnist_data.DataError) as info:
+        mnist_data.ensure_mnist(root, download=False)
     assert "nowhere" in str(info.value) and "GAN_DATA_DIR" in str(info.value)
     assert not root.exists()
 
@@ -186,8 +187,8 @@ def test_truncated_unpacked_file(make_mnist_copy):
 def load_error_leaving_dir_untouched(root, download=False):
     """load_mnist must fail with a DataError and leave the directory as it was; returns the message."""
     before = listing(root)
-    with pytest.raises(gu.DataError) as info:
-        gu.load_mnist(root, download=download)
+    with pytest.raises(mnist_data.DataError) as info:
+        mnist_data.load_mnist(root, download=download)
     assert listing(root) == before  # nothing written, nothing deleted, no .part file left
     return str(info.value)
 
@@ -211,8 +212,8 @@ def test_corrupt_image_dimensions(make_mnist_copy):
     root = make_mnist_copy(plain=True, names=[TEST_IMAGES])
     path = root / "MNIST" / "raw" / TEST_IMAGES
     overwrite_bytes(path, 8, (14).to_bytes(4, "big") + (56).to_bytes(4, "big"))  # 14x56: same byte count, wrong shape
-    with pytest.raises(gu.DataError) as info:
-        gu.read_mnist_file(path.parent, gu.MNIST_FILES["test_images"])
+    with pytest.raises(mnist_data.DataError) as info:
+        mnist_data.read_mnist_file(path.parent, mnist_data.MNIST_FILES["test_images"])
     assert str(path) in str(info.value) and "28x28" in str(info.value)
 
 
@@ -228,7 +229,7 @@ def test_gz_with_wrong_md5(make_mnist_copy):
 def test_gz_only_gives_the_same_arrays(make_mnist_copy, arrays):
     root = make_mnist_copy(plain=False, gz=True)
     before = listing(root)
-    from_gz = gu.load_mnist_arrays(root, download=False)
+    from_gz = mnist_data.load_mnist_arrays(root, download=False)
     assert set(from_gz) == set(arrays)
     for key in arrays:
         assert from_gz[key].dtype == np.uint8
@@ -241,7 +242,7 @@ def test_unpacked_file_wins_over_gz(make_mnist_copy, arrays):
     root = make_mnist_copy(plain=True, gz=True, names=[TEST_LABELS])
     gz = root / "MNIST" / "raw" / (TEST_LABELS + ".gz")
     gz.write_bytes(b"garbage")
-    labels = gu.read_mnist_file(gz.parent, gu.MNIST_FILES["test_labels"])
+    labels = mnist_data.read_mnist_file(gz.parent, mnist_data.MNIST_FILES["test_labels"])
     assert np.array_equal(labels, arrays["test_labels"])
 
 
@@ -269,9 +270,9 @@ def test_missing_file_is_downloaded_verified_and_renamed(make_mnist_copy, local_
     mirror, url = local_mirror
     root = make_mnist_copy(names=[n for n in RAW_NAMES if n != TEST_LABELS])
     raw = root / "MNIST" / "raw"
-    monkeypatch.setattr(gu, "MNIST_MIRRORS", (url,))
+    monkeypatch.setattr(mnist_data, "MNIST_MIRRORS", (url,))
     replaced, hashed = [], []
-    real_replace, real_md5 = os.replace, gu._md5
+    real_replace, real_md5 = os.replace, mnist_data._md5
 
     def spy_replace(src, dst):
         replaced.append((Path(src), Path(dst)))
@@ -282,28 +283,28 @@ def test_missing_file_is_downloaded_verified_and_renamed(make_mnist_copy, local_
         return real_md5(path)
 
     monkeypatch.setattr(gu.os, "replace", spy_replace)
-    monkeypatch.setattr(gu, "_md5", spy_md5)
-    assert gu.ensure_mnist(root, download=True) == raw
+    monkeypatch.setattr(mnist_data, "_md5", spy_md5)
+    assert mnist_data.ensure_mnist(root, download=True) == raw
     target = raw / (TEST_LABELS + ".gz")
     assert target.is_file()
-    assert hashlib.md5(target.read_bytes()).hexdigest() == gu.MNIST_FILES["test_labels"].gz_md5
+    assert hashlib.md5(target.read_bytes()).hexdigest() == mnist_data.MNIST_FILES["test_labels"].gz_md5
     # downloaded to a .part file beside the target, md5 checked on it, then renamed into place
     assert len(replaced) == 1
     src, dst = replaced[0]
     assert dst == target and src.parent == raw and src.name.endswith(".part")
     assert src in hashed
     assert not list(raw.glob("*.part"))
-    assert np.array_equal(gu.load_mnist_arrays(root, download=False)["test_labels"], arrays["test_labels"])
+    assert np.array_equal(mnist_data.load_mnist_arrays(root, download=False)["test_labels"], arrays["test_labels"])
 
 
 def test_downloaded_file_is_readable_by_others(make_mnist_copy, local_mirror, monkeypatch):
     # data_dir may be shared (GAN_DATA_DIR): a download gets the permissions open() would give it
     _, url = local_mirror
     root = make_mnist_copy(names=[n for n in RAW_NAMES if n != TEST_LABELS])
-    monkeypatch.setattr(gu, "MNIST_MIRRORS", (url,))
+    monkeypatch.setattr(mnist_data, "MNIST_MIRRORS", (url,))
     old = os.umask(0o022)
     try:
-        gu.ensure_mnist(root, download=True)
+        mnist_data.ensure_mnist(root, download=True)
     finally:
         os.umask(old)
     mode = (root / "MNIST" / "raw" / (TEST_LABELS + ".gz")).stat().st_mode & 0o777
@@ -316,9 +317,9 @@ def test_download_into_missing_directory(tmp_path, data_dir, monkeypatch):
     mirror.mkdir()
     for name in RAW_NAMES:
         (mirror / (name + ".gz")).write_bytes(real_gz_bytes(data_dir, name))
-    monkeypatch.setattr(gu, "MNIST_MIRRORS", (mirror.as_uri() + "/",))
+    monkeypatch.setattr(mnist_data, "MNIST_MIRRORS", (mirror.as_uri() + "/",))
     root = tmp_path / "fresh"
-    splits = gu.load_mnist(root, download=True)
+    splits = mnist_data.load_mnist(root, download=True)
     assert splits.train_x.shape == (50_000, 784) and splits.test_x.shape == (10_000, 784)
     assert sorted(p.name for p in (root / "MNIST" / "raw").iterdir()) == sorted(n + ".gz" for n in RAW_NAMES)
 
@@ -328,7 +329,7 @@ def test_download_with_wrong_content_leaves_nothing(make_mnist_copy, tmp_path, m
     bad.mkdir()
     (bad / (TEST_LABELS + ".gz")).write_bytes(gzip.compress(b"not mnist at all"))
     root = make_mnist_copy(names=[n for n in RAW_NAMES if n != TEST_LABELS])
-    monkeypatch.setattr(gu, "MNIST_MIRRORS", (bad.as_uri() + "/",))
+    monkeypatch.setattr(mnist_data, "MNIST_MIRRORS", (bad.as_uri() + "/",))
     msg = load_error_leaving_dir_untouched(root, download=True)  # no .part file, no half file under the final name
     assert "md5" in msg and TEST_LABELS in msg
 
@@ -339,8 +340,8 @@ def test_bad_mirror_falls_back_to_the_next(make_mnist_copy, local_mirror, tmp_pa
     bad.mkdir()
     (bad / (TEST_LABELS + ".gz")).write_bytes(b"\x1f\x8b truncated")
     root = make_mnist_copy(names=[n for n in RAW_NAMES if n != TEST_LABELS])
-    monkeypatch.setattr(gu, "MNIST_MIRRORS", (bad.as_uri() + "/", good_url))
-    labels = gu.load_mnist_arrays(root, download=True)["test_labels"]
+    monkeypatch.setattr(mnist_data, "MNIST_MIRRORS", (bad.as_uri() + "/", good_url))
+    labels = mnist_data.load_mnist_arrays(root, download=True)["test_labels"]
     assert np.array_equal(labels, arrays["test_labels"])
     assert not list((root / "MNIST" / "raw").glob("*.part"))
 
@@ -366,9 +367,9 @@ def test_download_cut_short_leaves_no_part_file(make_mnist_copy, data_dir, monke
     root = make_mnist_copy(names=[n for n in RAW_NAMES if n != TEST_LABELS])
     before = listing(root)
     monkeypatch.setattr("urllib.request.urlopen", fake_urlopen)
-    with pytest.raises(gu.DataError) as info:
-        gu.load_mnist(root, download=True)
-    assert len(calls) == len(gu.MNIST_MIRRORS)  # every mirror tried
+    with pytest.raises(mnist_data.DataError) as info:
+        mnist_data.load_mnist(root, download=True)
+    assert len(calls) == len(mnist_data.MNIST_MIRRORS)  # every mirror tried
     assert all(u.endswith(TEST_LABELS + ".gz") for u in calls)
     msg = str(info.value)
     assert "downloading failed" in msg and "connection reset" in msg
@@ -381,8 +382,8 @@ def test_unreachable_mirrors_give_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr("urllib.request.urlopen", offline)
     root = tmp_path / "d"
-    with pytest.raises(gu.DataError) as info:
-        gu.ensure_mnist(root, download=True)
+    with pytest.raises(mnist_data.DataError) as info:
+        mnist_data.ensure_mnist(root, download=True)
     msg = str(info.value)
     assert "no route to host" in msg and "GAN_DATA_DIR" in msg
     for name in RAW_NAMES:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import gan_utils as gu
+import run_safety
 from conftest import REPO_ROOT, execute_cached, metrics_rows
 
 DCGAN = REPO_ROOT / "DCGAN.ipynb"
@@ -102,7 +103,7 @@ def test_resume_equals_training_straight(run, dcgan_runs, tmp_path, data_dir, ti
         TINY, dataset=str(tiny_cifar), run_dir="", resume=str(resumed_dir / "checkpoint.pt"), epochs=3,
         eval_samples=0)).check()
     assert metrics_rows(resumed_dir) == metrics_rows(straight.run_dir)
-    a, b = gu.load_checkpoint(resumed_dir / "checkpoint.pt"), gu.load_checkpoint(straight.run_dir / "checkpoint.pt")
+    a, b = run_safety.load_checkpoint(resumed_dir / "checkpoint.pt"), run_safety.load_checkpoint(straight.run_dir / "checkpoint.pt")
     for key in ("G", "D", "G_ema"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}.{name}"

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageFile
 
 import image_data as idt
-from gan_utils import DataError
+from mnist_data import DataError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -12,7 +12,7 @@ import torch
 from scipy.stats import multivariate_normal
 
 import gan_metrics as gm  # the repository root is on sys.path through conftest.py
-from gan_utils import load_mnist
+from mnist_data import load_mnist
 from mnist_classifier import DEFAULT_WEIGHTS, accuracy, load_classifier, train_classifier
 
 

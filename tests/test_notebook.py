@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import gan_utils as gu
+import run_safety
 from conftest import (NOTEBOOK, REPO_ROOT, TINY_PARAMS, cell_text, execute_cached, is_machine_column, kernel_env,
                       metrics_rows, notebook_text)
 
@@ -114,7 +115,7 @@ def test_other_pictures(run):
 
 
 def test_checkpoint(run):
-    ck = gu.load_checkpoint(run.run_dir / "checkpoint.pt")
+    ck = run_safety.load_checkpoint(run.run_dir / "checkpoint.pt")
     assert ck["epoch"] == 2
     assert {"G", "D", "G_ema", "opt_G", "opt_D", "fixed_noise", "rng", "history", "config"} <= set(ck)
     assert ck["config"]["latent_dim"] == 100 and ck["config"]["g_batchnorm"] is True
@@ -126,10 +127,10 @@ def test_checkpoint(run):
 
 
 def test_checkpoint_loads_into_the_notebooks_networks(run, definitions):
-    ck = gu.load_checkpoint(run.run_dir / "checkpoint.pt")
-    G = definitions["Generator"](100, True)
+    ck = run_safety.load_checkpoint(run.run_dir / "checkpoint.pt")
+    G = definitions["Generator"](100, batchnorm=True)
     G.load_state_dict(ck["G_ema"])
-    D = definitions["Discriminator"](0.3)
+    D = definitions["Discriminator"](dropout=0.3)
     D.load_state_dict(ck["D"])
     with torch.no_grad():
         assert D.eval()(G.eval()(ck["fixed_noise"])).shape == (64,)
@@ -137,8 +138,8 @@ def test_checkpoint_loads_into_the_notebooks_networks(run, definitions):
 
 def test_exported_generator(run, definitions):
     exported = torch.export.load(str(run.run_dir / "generator.pt2")).module()
-    ck = gu.load_checkpoint(run.run_dir / "checkpoint.pt")
-    G_ema = definitions["Generator"](100, True)
+    ck = run_safety.load_checkpoint(run.run_dir / "checkpoint.pt")
+    G_ema = definitions["Generator"](100, batchnorm=True)
     G_ema.load_state_dict(ck["G_ema"])
     G_ema.eval()
     for n in (1, 7):
@@ -176,7 +177,7 @@ def comparable(rows):
 
 
 def same_weights(path_a: Path, path_b: Path, keys=("G", "D", "G_ema")):
-    a, b = gu.load_checkpoint(path_a), gu.load_checkpoint(path_b)
+    a, b = run_safety.load_checkpoint(path_a), run_safety.load_checkpoint(path_b)
     for key in keys:
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
@@ -200,7 +201,7 @@ def test_resume_equals_straight_run(run, notebook_runs, tmp_path, data_dir):
     assert comparable(metrics_rows(resumed_dir)) == comparable(metrics_rows(straight.run_dir))
     assert [r["epoch"] for r in metrics_rows(resumed_dir)] == [1.0, 2.0, 3.0, 4.0]
     same_weights(resumed_dir / "checkpoint.pt", straight.run_dir / "checkpoint.pt")
-    assert gu.load_checkpoint(resumed_dir / "checkpoint.pt")["epoch"] == 4
+    assert run_safety.load_checkpoint(resumed_dir / "checkpoint.pt")["epoch"] == 4
     with Image.open(resumed_dir / "progress.gif") as gif:
         assert gif.n_frames == 4
 
@@ -214,7 +215,7 @@ def test_sweep_trains_the_same_weights_as_the_notebook(run, tmp_path, data_dir):
                     "--seed", str(TINY_PARAMS["seed"]), "--save-weights", str(weights), "--out", str(tmp_path / "s.json")],
                    cwd=REPO_ROOT, env={**os.environ, **kernel_env()}, check=True, capture_output=True)
     swept = torch.load(weights, weights_only=True)
-    notebook = gu.load_checkpoint(run.run_dir / "checkpoint.pt")
+    notebook = run_safety.load_checkpoint(run.run_dir / "checkpoint.pt")
     for key in ("G", "D", "G_ema"):
         for name, tensor in notebook[key].items():
             assert torch.equal(tensor, swept[key][name]), f"{key}.{name} differs between the notebook and sweep.py"
@@ -238,7 +239,7 @@ def test_running_the_training_cell_again_continues_with_new_settings(tmp_path, d
     rows = gu.read_metrics_csv(result.run_dir / "metrics.csv")
     assert [row["epoch"] for row in rows] == [1.0, 2.0, 3.0]  # one more row, not a restart
     assert [row["lr_g"] for row in rows] == [TINY_PARAMS.get("lr_g", 8e-4)] * 2 + [1e-4]
-    ck = gu.load_checkpoint(result.run_dir / "checkpoint.pt")
+    ck = run_safety.load_checkpoint(result.run_dir / "checkpoint.pt")
     assert ck["epoch"] == 3 and ck["config"]["epochs"] == 3 and ck["config"]["lr_g"] == 1e-4
     assert [group["lr"] for group in ck["opt_G"]["param_groups"]] == [1e-4]  # the optimizer's rate changed
     assert [group["lr"] for group in ck["opt_D"]["param_groups"]] == [ck["config"]["lr_d"]]

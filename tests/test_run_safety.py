@@ -31,6 +31,8 @@ import torch
 
 import gan_metrics as gm
 import gan_utils as gu
+import mnist_data
+import run_safety
 from conftest import REPO_ROOT, kernel_env, listing
 
 RUNNER = REPO_ROOT / "run_notebook.py"
@@ -48,7 +50,7 @@ def full_checkpoint(epoch: int, value: float | None = None) -> dict:
 def finished_run(path: Path, epochs: int = 2) -> Path:
     """A directory as a finished run leaves it."""
     (path / "grids").mkdir(parents=True)
-    gu.save_checkpoint(path / "checkpoint.pt", full_checkpoint(epochs))
+    run_safety.save_checkpoint(path / "checkpoint.pt", full_checkpoint(epochs))
     gu.write_json(path / "config.json", {"epochs": epochs})
     gu.write_metrics_csv(path / "metrics.csv", [{"epoch": e + 1} for e in range(epochs)])
     for e in range(epochs):
@@ -64,30 +66,30 @@ def finished_run(path: Path, epochs: int = 2) -> Path:
 def test_finished_run_is_refused_without_resume_and_nothing_changes(tmp_path):
     run = finished_run(tmp_path / "run")
     before = listing(run)
-    for attempt in (gu.check_run_dir, gu.claim_run_dir):
+    for attempt in (run_safety.check_run_dir, run_safety.claim_run_dir):
         with pytest.raises(gu.ParameterError) as info:
             attempt(run)
         msg = str(info.value)
         assert str(run) in msg and "already holds a run" in msg
         assert f"resume = {str(run / 'checkpoint.pt')!r}" in msg and "make run RUN_DIR=" in msg
         assert "run_dir" in msg and "overwrite = True" in msg
-        assert listing(run) == before and not (run / gu.LOCK_FILE).exists()
+        assert listing(run) == before and not (run / run_safety.LOCK_FILE).exists()
 
 
 def test_resuming_a_run_in_its_own_directory_is_allowed(tmp_path):
     run = finished_run(tmp_path / "run")
     before = listing(run)
-    with gu.claim_run_dir(run, resume=str(run / "checkpoint.pt")) as lock:
+    with run_safety.claim_run_dir(run, resume=str(run / "checkpoint.pt")) as lock:
         assert lock.held and lock.run_dir == run
     after = listing(run)
-    assert after.pop(gu.LOCK_FILE) > 0 and after == before
+    assert after.pop(run_safety.LOCK_FILE) > 0 and after == before
 
 
 def test_resuming_another_run_into_a_directory_holding_a_run_is_refused(tmp_path):
     finished_run(tmp_path / "a")
     b = finished_run(tmp_path / "b")
     with pytest.raises(gu.ParameterError) as info:
-        gu.check_run_dir(b, resume=str(tmp_path / "a" / "checkpoint.pt"))
+        run_safety.check_run_dir(b, resume=str(tmp_path / "a" / "checkpoint.pt"))
     assert "another run" in str(info.value) and "is not its checkpoint" in str(info.value)
 
 
@@ -96,34 +98,34 @@ def test_overwrite_deletes_the_old_runs_files_only(tmp_path):
     (run / "notes.txt").write_text("mine")
     dead = spawn_and_reap()
     (run / f"checkpoint.pt.{dead}.abcd1234.tmp").write_bytes(b"torn")
-    with gu.claim_run_dir(run, overwrite=True):
+    with run_safety.claim_run_dir(run, overwrite=True):
         left = sorted(listing(run))
-    assert left == [gu.LOCK_FILE, "Vanilla_GAN.ipynb", "notes.txt"]
+    assert left == [run_safety.LOCK_FILE, "Vanilla_GAN.ipynb", "notes.txt"]
 
 
 def test_new_directory_is_created_locked_with_our_pid(tmp_path):
     run = tmp_path / "new" / "run"
-    assert gu.check_run_dir(run) == run and not run.exists()  # the check writes nothing
-    lock = gu.claim_run_dir(run)
+    assert run_safety.check_run_dir(run) == run and not run.exists()  # the check writes nothing
+    lock = run_safety.claim_run_dir(run)
     assert (run / "grids").is_dir()
-    assert (run / gu.LOCK_FILE).read_text().strip() == str(os.getpid())
-    assert gu.claim_run_dir(run) is lock  # the setup cell run again in the same kernel
+    assert (run / run_safety.LOCK_FILE).read_text().strip() == str(os.getpid())
+    assert run_safety.claim_run_dir(run) is lock  # the setup cell run again in the same kernel
     lock.release()
     assert not lock.held
-    gu.claim_run_dir(run).release()
+    run_safety.claim_run_dir(run).release()
 
 
 def test_run_dir_that_is_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(gu.ParameterError, match="is a file"):
-        gu.claim_run_dir(tmp_path / "f")
+        run_safety.claim_run_dir(tmp_path / "f")
 
 
 HOLD_LOCK = """
 import sys, time
 sys.path.insert(0, {repo!r})
-import gan_utils as gu
-lock = gu.claim_run_dir({run!r})
+import run_safety
+lock = run_safety.claim_run_dir({run!r})
 print("locked", flush=True)
 time.sleep(60)
 """
@@ -135,7 +137,7 @@ def test_second_process_is_refused_naming_the_pid_until_the_first_dies(tmp_path)
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        for attempt in (gu.check_run_dir, gu.claim_run_dir):
+        for attempt in (run_safety.check_run_dir, run_safety.claim_run_dir):
             with pytest.raises(gu.ParameterError) as info:
                 attempt(run)
             msg = str(info.value)
@@ -143,7 +145,7 @@ def test_second_process_is_refused_naming_the_pid_until_the_first_dies(tmp_path)
     finally:
         holder.kill()  # SIGKILL: no cleanup code runs; the OS releases the lock
         holder.wait()
-    gu.claim_run_dir(run).release()
+    run_safety.claim_run_dir(run).release()
 
 
 def spawn_and_reap() -> int:
@@ -153,7 +155,7 @@ def spawn_and_reap() -> int:
     return child.pid
 
 
-def test_cleanup_deletes_temporary_files_of_dead_processes_only(tmp_path):
+def test_cleanup_deletes_temporary_files_of_dead_processes_and_of_an_interrupted_save(tmp_path):
     live = subprocess.Popen(["sleep", "30"])
     try:
         dead = spawn_and_reap()
@@ -161,9 +163,10 @@ def test_cleanup_deletes_temporary_files_of_dead_processes_only(tmp_path):
                  "mine": f"checkpoint.pt.{os.getpid()}.ijkl9012.tmp", "unknown": "checkpoint.pt.mnop3456.tmp"}
         for name in names.values():
             (tmp_path / name).write_bytes(b"partial")
-        gu.save_checkpoint(tmp_path / "checkpoint.pt", full_checkpoint(1))
-        assert sorted(p.name for p in tmp_path.glob("*.tmp")) == sorted(
-            names[k] for k in ("live", "mine", "unknown"))
+        assert run_safety.remove_dead_temp_files(tmp_path / "checkpoint.pt", ".tmp") == [tmp_path / names["dead"]]
+        # A save of this process removes what an interrupt left of its own earlier save, too.
+        run_safety.save_checkpoint(tmp_path / "checkpoint.pt", full_checkpoint(1))
+        assert sorted(p.name for p in tmp_path.glob("*.tmp")) == sorted(names[k] for k in ("live", "unknown"))
     finally:
         live.kill()
         live.wait()
@@ -173,20 +176,20 @@ def test_temporary_file_names_carry_the_writers_pid(tmp_path, monkeypatch):
     seen = []
     real_replace = os.replace
     monkeypatch.setattr(gu.os, "replace", lambda src, dst: (seen.append(Path(src).name), real_replace(src, dst)))
-    gu.atomic_write_bytes(tmp_path / "metrics.csv", b"x")
+    run_safety.atomic_write_bytes(tmp_path / "metrics.csv", b"x")
     assert re.fullmatch(rf"metrics\.csv\.{os.getpid()}\.[a-z0-9_]+\.tmp", seen[0])
 
 
 def test_remove_grids_after(tmp_path):
     run = finished_run(tmp_path / "run", epochs=4)
-    assert [p.name for p in gu.remove_grids_after(run, 2)] == ["epoch_003.png", "epoch_004.png"]
-    assert [p.name for p in gu.epoch_grid_paths(run)] == ["epoch_001.png", "epoch_002.png"]
+    assert [p.name for p in run_safety.remove_grids_after(run, 2)] == ["epoch_003.png", "epoch_004.png"]
+    assert [p.name for p in run_safety.epoch_grid_paths(run)] == ["epoch_001.png", "epoch_002.png"]
 
 
 def test_resolve_run_dir_is_the_notebooks_rule(tmp_path):
-    assert gu.resolve_run_dir("x/y") == Path("x/y")
-    assert gu.resolve_run_dir("", str(tmp_path / "r" / "checkpoint.pt")) == tmp_path / "r"
-    assert re.fullmatch(r"runs/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", str(gu.resolve_run_dir("")))
+    assert run_safety.resolve_run_dir("x/y") == Path("x/y")
+    assert run_safety.resolve_run_dir("", str(tmp_path / "r" / "checkpoint.pt")) == tmp_path / "r"
+    assert re.fullmatch(r"runs/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", str(run_safety.resolve_run_dir("")))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,7 +208,7 @@ def data_problems(n_train=512, **changes) -> str:
 
 def test_good_settings_pass():
     gu.validate_against_data(GOOD, 512)
-    gu.validate_against_data({**GOOD, "batch_size": 128, "train_subset": 0}, gu.N_TRAIN)
+    gu.validate_against_data({**GOOD, "batch_size": 128, "train_subset": 0}, mnist_data.N_TRAIN)
     gu.validate_against_data({**GOOD, "r1_every": 100, "r1_gamma": 0.0}, 512)  # penalty off: any r1_every
     gu.validate_against_data({**GOOD, "metrics_samples": 1, "metrics_every": 0}, 512)  # no per-epoch scores
     gu.validate_against_data({**GOOD, "eval_samples": 0, "batch_size": 2, "r1_every": 3, "train_subset": 7}, 7)
@@ -269,7 +272,7 @@ def test_nothing_to_train_message():
 # ------------------------------------------------------------------------------------------------
 
 def test_unpacked_md5s_are_those_of_the_shared_copy(data_dir):
-    for spec in gu.MNIST_FILES.values():
+    for spec in mnist_data.MNIST_FILES.values():
         path = data_dir / "MNIST" / "raw" / spec.name
         if path.is_file():
             assert hashlib.md5(path.read_bytes()).hexdigest() == spec.md5, spec.name
@@ -293,25 +296,25 @@ def damage(root: Path, name: str, offset: int, fill: int, length: int | None = N
 def test_wrong_content_with_the_right_header_is_refused(make_mnist_copy, name, offset, fill, length, expected):
     root = make_mnist_copy(plain=True, names=[name])
     path = damage(root, name, offset, fill, length)
-    spec = next(s for s in gu.MNIST_FILES.values() if s.name == name)
-    with pytest.raises(gu.DataError) as info:
-        gu.read_mnist_file(path.parent, spec)
+    spec = next(s for s in mnist_data.MNIST_FILES.values() if s.name == name)
+    with pytest.raises(mnist_data.DataError) as info:
+        mnist_data.read_mnist_file(path.parent, spec)
     msg = str(info.value)
     assert expected in msg and str(path) in msg and "Delete" in msg
 
 
 def test_data_dir_that_is_a_file(tmp_path):
     (tmp_path / "data").write_text("not a directory")
-    with pytest.raises(gu.DataError) as info:
-        gu.load_mnist(tmp_path / "data", download=False)
+    with pytest.raises(mnist_data.DataError) as info:
+        mnist_data.load_mnist(tmp_path / "data", download=False)
     assert "is a file, not a directory" in str(info.value) and "data_dir" in str(info.value)
 
 
 def test_directory_in_place_of_a_file(make_mnist_copy):
     root = make_mnist_copy(plain=True, names=[n for n in (TRAIN_LABELS,)])
     (root / "MNIST" / "raw" / TRAIN_IMAGES).mkdir()
-    with pytest.raises(gu.DataError) as info:
-        gu.read_mnist_file(root / "MNIST" / "raw", gu.MNIST_FILES["train_images"])
+    with pytest.raises(mnist_data.DataError) as info:
+        mnist_data.read_mnist_file(root / "MNIST" / "raw", mnist_data.MNIST_FILES["train_images"])
     assert "is a directory" in str(info.value) and TRAIN_IMAGES in str(info.value)
 
 
@@ -323,12 +326,12 @@ def test_unreadable_file_and_directory(make_mnist_copy, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "read_bytes", refuse)  # root ignores chmod, so refusing is simulated
-    with pytest.raises(gu.DataError) as info:
-        gu.read_mnist_file(raw, gu.MNIST_FILES["train_labels"])
+    with pytest.raises(mnist_data.DataError) as info:
+        mnist_data.read_mnist_file(raw, mnist_data.MNIST_FILES["train_labels"])
     assert f"cannot read {raw / TRAIN_LABELS} (Permission denied)" in str(info.value)
     monkeypatch.setattr(gu.os, "listdir", lambda p: refuse(p))
-    with pytest.raises(gu.DataError, match="cannot read the directory"):
-        gu.ensure_mnist(root, download=False)
+    with pytest.raises(mnist_data.DataError, match="cannot read the directory"):
+        mnist_data.ensure_mnist(root, download=False)
 
 
 class SilentServer:
@@ -371,29 +374,29 @@ class SilentServer:
 
 def test_a_mirror_that_never_answers_fails_fast_naming_it(tmp_path, monkeypatch):
     server = SilentServer()
-    monkeypatch.setattr(gu, "MNIST_MIRRORS", (server.url,))
+    monkeypatch.setattr(mnist_data, "MNIST_MIRRORS", (server.url,))
     said = []
     started = time.monotonic()
     try:
-        with pytest.raises(gu.DataError) as info:
-            gu.ensure_mnist(tmp_path / "d", download=True, timeout=1.0, report=said.append)
+        with pytest.raises(mnist_data.DataError) as info:
+            mnist_data.ensure_mnist(tmp_path / "d", download=True, timeout=1.0, report=said.append)
     finally:
         server.close()
     assert time.monotonic() - started < 5
     assert server.accepted == 1  # asked once, not once per file
     msg = str(info.value)
     assert f"{server.url}: did not answer within 1 s" in msg
-    assert said[0] == f"downloading {gu.MNIST_FILES['train_images'].name}.gz from {server.url} ..."
+    assert said[0] == f"downloading {mnist_data.MNIST_FILES['train_images'].name}.gz from {server.url} ..."
     assert not list((tmp_path / "d").rglob("*.part"))
 
 
 def test_a_trickling_mirror_stops_at_the_deadline(tmp_path, monkeypatch):
     server = SilentServer(trickle=True)
-    monkeypatch.setattr(gu, "MNIST_MIRRORS", (server.url,))
+    monkeypatch.setattr(mnist_data, "MNIST_MIRRORS", (server.url,))
     started = time.monotonic()
     try:
-        with pytest.raises(gu.DataError) as info:
-            gu.ensure_mnist(tmp_path / "d", download=True, timeout=1.0, deadline_s=1.0, report=lambda s: None)
+        with pytest.raises(mnist_data.DataError) as info:
+            mnist_data.ensure_mnist(tmp_path / "d", download=True, timeout=1.0, deadline_s=1.0, report=lambda s: None)
     finally:
         server.close()
     assert time.monotonic() - started < 5
@@ -428,28 +431,28 @@ class FullDiskFile:
 def test_disk_full_keeps_the_last_good_checkpoint_and_says_how_to_resume(tmp_path, monkeypatch, where):
     run = tmp_path / "my run"
     run.mkdir()
-    path = gu.save_checkpoint(run / "checkpoint.pt", full_checkpoint(3))
+    path = run_safety.save_checkpoint(run / "checkpoint.pt", full_checkpoint(3))
     if where == "write":
         real_fdopen = os.fdopen
         monkeypatch.setattr(gu.os, "fdopen", lambda *a, **k: FullDiskFile(real_fdopen(*a, **k)))
     else:
         monkeypatch.setattr(gu.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
     with pytest.raises(OSError) as info:
-        gu.save_checkpoint(path, full_checkpoint(4))
+        run_safety.save_checkpoint(path, full_checkpoint(4))
     monkeypatch.undo()
-    assert isinstance(info.value, gu.DiskFullError) and info.value.errno == errno.ENOSPC
+    assert isinstance(info.value, run_safety.DiskFullError) and info.value.errno == errno.ENOSPC
     msg = str(info.value)
     assert "epoch 4" in msg and f"{path} was not changed and still holds epoch 3" in msg
-    assert gu.resume_command(path) in msg and "MB free" in msg
-    assert gu.load_checkpoint(path)["epoch"] == 3
+    assert run_safety.resume_command(path) in msg and "MB free" in msg
+    assert run_safety.load_checkpoint(path)["epoch"] == 3
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"]
 
 
 def test_disk_full_before_any_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(gu.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
-    with pytest.raises(gu.DiskFullError, match="no checkpoint was written"):
-        gu.save_checkpoint(tmp_path / "checkpoint.pt", full_checkpoint(1))
-    with pytest.raises(gu.DiskFullError, match="metrics.csv: the file was left as it was"):
+    with pytest.raises(run_safety.DiskFullError, match="no checkpoint was written"):
+        run_safety.save_checkpoint(tmp_path / "checkpoint.pt", full_checkpoint(1))
+    with pytest.raises(run_safety.DiskFullError, match="metrics.csv: the file was left as it was"):
         gu.write_metrics_csv(tmp_path / "metrics.csv", [{"epoch": 1}])
     assert list(tmp_path.iterdir()) == []
 
@@ -457,9 +460,9 @@ def test_disk_full_before_any_checkpoint(tmp_path, monkeypatch):
 def test_checkpoint_with_the_tag_but_missing_keys(tmp_path):
     ck = full_checkpoint(2)
     del ck["opt_D"], ck["rng"]
-    path = gu.save_checkpoint(tmp_path / "checkpoint.pt", ck)
-    with pytest.raises(gu.CheckpointError) as info:
-        gu.load_checkpoint(path)
+    path = run_safety.save_checkpoint(tmp_path / "checkpoint.pt", ck)
+    with pytest.raises(run_safety.CheckpointError) as info:
+        run_safety.load_checkpoint(path)
     assert "lacks opt_D, rng" in str(info.value) and str(path) in str(info.value)
 
 
@@ -475,11 +478,11 @@ def test_export_has_no_batch_limit(tmp_path):
 
 def test_resume_command_survives_spaces_and_quotes():
     checkpoint = Path("runs/my run's/checkpoint.pt")
-    words = shlex.split(gu.resume_command(checkpoint))  # as the user's shell reads it
+    words = shlex.split(run_safety.resume_command(checkpoint))  # as the user's shell reads it
     assert words[:2] == ["make", "run"] and words[2] == f"RUN_DIR={checkpoint.parent}"
     assert shlex.split(words[3].removeprefix("PARAMS=")) == ["-p", "resume", str(checkpoint)]  # as make's shell
-    assert gu.resume_command(Path("runs/x/checkpoint.pt")) == 'make run RUN_DIR=runs/x PARAMS="-p resume runs/x/checkpoint.pt"'
-    assert gu.resume_command(checkpoint) in gu.resume_message(checkpoint, 3)
+    assert run_safety.resume_command(Path("runs/x/checkpoint.pt")) == 'make run RUN_DIR=runs/x PARAMS="-p resume runs/x/checkpoint.pt"'
+    assert run_safety.resume_command(checkpoint) in run_safety.resume_message(checkpoint, 3)
 
 
 def test_makefile_passes_run_dir_and_params_with_spaces(tmp_path):
@@ -490,7 +493,7 @@ def test_makefile_passes_run_dir_and_params_with_spaces(tmp_path):
     fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
     fake.chmod(0o755)
     checkpoint = Path("runs/my run/checkpoint.pt")
-    assignments = shlex.split(gu.resume_command(checkpoint))[2:]  # RUN_DIR=... PARAMS=... as the shell passes them
+    assignments = shlex.split(run_safety.resume_command(checkpoint))[2:]  # RUN_DIR=... PARAMS=... as the shell passes them
     out = subprocess.run(["make", "-s", "-C", str(REPO_ROOT), "run", f"VENV={venv}", *assignments],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
@@ -502,6 +505,14 @@ def test_makefile_passes_run_dir_and_params_with_spaces(tmp_path):
     assert re.fullmatch(r"runs/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", args[4])
 
 
+def test_runner_types_values_as_papermill_and_reads_lists():
+    sys.path.insert(0, str(REPO_ROOT))
+    import run_notebook
+    assert [run_notebook.typed(v) for v in ("3", "1e-3", "True", "None", "runs/x")] == [3, 1e-3, True, None, "runs/x"]
+    assert run_notebook.typed("[512, 256]") == [512, 256]  # -p d_hidden '[512, 256]'
+    assert run_notebook.typed("[512, 256") == "[512, 256"  # left as text: the notebook's check names it
+
+
 # ------------------------------------------------------------------------------------------------
 # 5: SIGTERM and a second interrupt, in-process
 # ------------------------------------------------------------------------------------------------
@@ -509,7 +520,7 @@ def test_makefile_passes_run_dir_and_params_with_spaces(tmp_path):
 def test_sigterm_raises_keyboardinterrupt_inside_the_block_only():
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-        with gu.sigterm_as_interrupt():
+        with run_safety.sigterm_as_interrupt():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler interrupts this
     assert signal.getsignal(signal.SIGTERM) is before
@@ -519,7 +530,7 @@ def test_interrupts_during_the_block_are_held_until_it_is_done():
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     said, steps = [], []
     with pytest.raises(KeyboardInterrupt):
-        with gu.interrupts_deferred(report=said.append) as held:
+        with run_safety.interrupts_deferred(report=said.append) as held:
             for s in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
                 os.kill(os.getpid(), s)
                 time.sleep(0.05)
@@ -527,7 +538,7 @@ def test_interrupts_during_the_block_are_held_until_it_is_done():
     assert len(steps) == 3 and held == [signal.SIGINT, signal.SIGINT, signal.SIGTERM]
     assert said == ["SIGINT and SIGTERM arrived while saving; held until the save was complete."]
     assert {s: signal.getsignal(s) for s in before} == before
-    with gu.interrupts_deferred(reraise=False, report=said.append):  # only reported
+    with run_safety.interrupts_deferred(reraise=False, report=said.append):  # only reported
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
     assert len(said) == 2
@@ -548,8 +559,9 @@ TOY_SETUP = '''import time
 from pathlib import Path
 import torch
 import gan_utils as gu
+import run_safety
 run_path = Path(run_dir)
-run_lock = gu.claim_run_dir(run_path)
+run_lock = run_safety.claim_run_dir(run_path)
 checkpoint_path = run_path / "checkpoint.pt"
 w = torch.zeros(256, 1024)  # 1 MB: a save takes a moment
 history, epochs_done = [], 0
@@ -562,14 +574,14 @@ def roll_back_to(state):
     global w, history, epochs_done
     w, history, epochs_done = state["G"]["w"].clone(), list(state["history"]), state["epoch"]
     time.sleep(rollback_delay)  # a slow disk: a second signal lands during the save
-    gu.save_checkpoint(checkpoint_path, state)
+    run_safety.save_checkpoint(checkpoint_path, state)
 
 last_good = snapshot(0)
 '''
 
 # w == epoch after each epoch and a half-way value in between: a checkpoint with a torn or unfinished
 # epoch shows. completed.log lists the epochs whose snapshot was taken.
-TOY_TRAINING = '''with gu.sigterm_as_interrupt():
+TOY_TRAINING = '''with run_safety.sigterm_as_interrupt():
     try:
         for epoch in range(epochs_done, epochs):
             w += 0.5
@@ -581,11 +593,11 @@ TOY_TRAINING = '''with gu.sigterm_as_interrupt():
             with open(run_path / "completed.log", "a") as log:
                 log.write(f"{epochs_done}\\n")
             if epochs_done % checkpoint_every == 0:
-                gu.save_checkpoint(checkpoint_path, last_good)
+                run_safety.save_checkpoint(checkpoint_path, last_good)
     except KeyboardInterrupt:
-        with gu.interrupts_deferred(reraise=False):
+        with run_safety.interrupts_deferred(reraise=False):
             roll_back_to(last_good)
-            print("Interrupted: the unfinished epoch was rolled back. " + gu.resume_message(checkpoint_path, epochs_done))
+            print("Interrupted: the unfinished epoch was rolled back. " + run_safety.resume_message(checkpoint_path, epochs_done))
         raise
 '''
 
@@ -650,7 +662,7 @@ def check_stopped_trial(trial: Trial, expected_rc: int) -> str:
     if not checkpoint.is_file():
         assert "nothing to resume" in out, out
         return "stopped before the first checkpoint: 'nothing to resume'"
-    ck = gu.load_checkpoint(checkpoint)
+    ck = run_safety.load_checkpoint(checkpoint)
     epoch, done = ck["epoch"], trial.completed()
     last = done[-1] if done else 0
     assert epoch in (last, last + 1), f"checkpoint at epoch {epoch}, last completed epoch {last}"
@@ -658,7 +670,7 @@ def check_stopped_trial(trial: Trial, expected_rc: int) -> str:
     assert [row["epoch"] for row in ck["history"]] == list(range(1, epoch + 1))
     reported = [int(n) for n in re.findall(r"after epoch (\d+)", out)]
     assert reported and set(reported) == {epoch}, f"reported {reported}, checkpoint epoch {epoch}"
-    assert "Stopped" in out and gu.resume_command(checkpoint) in out  # on the terminal, quoted
+    assert "Stopped" in out and run_safety.resume_command(checkpoint) in out  # on the terminal, quoted
     return f"checkpoint = last completed epoch {epoch}"
 
 

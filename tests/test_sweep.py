@@ -16,6 +16,8 @@ def test_defaults_are_the_notebooks():
 def test_options_are_typed_like_the_notebooks_parameters():
     s = sweep.recipe(sweep.parse_args(["--g-batchnorm", "0", "--g-loss", "minimax", "--r1-every", "2", "--lr-d", "1e-3"]))
     assert (s["g_batchnorm"], s["g_loss"], s["r1_every"], s["lr_d"]) == (False, "minimax", 2, 1e-3)
+    s = sweep.recipe(sweep.parse_args(["--d-hidden", "1024", "512", "256", "--g-hidden", "64"]))
+    assert (s["d_hidden"], s["g_hidden"]) == ([1024, 512, 256], [64])
 
 
 @pytest.mark.parametrize("argv, message", [(["--beta1", "1.5"], "beta1 = 1.5"), (["--g-loss", "hinge"], "g_loss"),

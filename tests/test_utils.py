@@ -1,5 +1,5 @@
-"""gan_utils without the data: parameters, run directory, device, seeding, checkpoints, atomic writes,
-grids and GIFs, latent walks, EMA, export, the metrics log, and the notebook's own networks/losses."""
+"""gan_utils and run_safety's checkpoints and atomic writes: parameters, device, seeding, grids and
+GIFs, latent walks, EMA, export, the metrics log, and the notebook's own networks/losses."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import gan_utils as gu
+import run_safety
 from conftest import NOTEBOOK
 
 
@@ -82,6 +83,10 @@ def test_parameters_from_names_a_missing_parameter(defaults):
     ("device", "tpu", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
     ("data_dir", None, "a directory path"),
     ("checkpoint_every", 0, "an integer >= 1"),
+    ("d_hidden", [], "a list of hidden-layer widths"),
+    ("d_hidden", [512, 0], "a list of hidden-layer widths"),
+    ("g_hidden", [256.0, 512], "a list of hidden-layer widths"),
+    ("d_hidden", "512, 256", "-p d_hidden '[512, 256]'"),  # papermill's own -p makes a string of it
 ])
 def test_bad_parameter_is_named_with_allowed_values(defaults, name, value, allowed):
     msg = bad(defaults, **{name: value})
@@ -129,7 +134,7 @@ def test_missing_resume_file(defaults, tmp_path):
 
 
 def test_existing_resume_file_passes(defaults, tmp_path):
-    path = gu.save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1})
+    path = run_safety.save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1})
     gu.validate_parameters({**defaults, "resume": str(path)})
 
 
@@ -138,14 +143,14 @@ def test_existing_resume_file_passes(defaults, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_claim_run_dir_creates_grids(tmp_path):
-    lock = gu.claim_run_dir(str(tmp_path / "a" / "b"))
+    lock = run_safety.claim_run_dir(str(tmp_path / "a" / "b"))
     path = tmp_path / "a" / "b"
     assert lock.run_dir == path and (path / "grids").is_dir()
     lock.release()
 
 
 def test_resolve_run_dir_default_is_dated(tmp_path):
-    path = gu.resolve_run_dir("", root=str(tmp_path / "runs"))
+    path = run_safety.resolve_run_dir("", root=str(tmp_path / "runs"))
     assert path.parent == tmp_path / "runs" and not path.exists()  # resolving writes nothing
     assert len(path.name) == len("2024-01-01_00-00-00")
 
@@ -155,7 +160,7 @@ def test_claim_run_dir_unwritable(tmp_path):
     blocker.write_text("a regular file, so nothing can be created below it (even as root)")
     target = blocker / "run"
     with pytest.raises(gu.ParameterError) as info:
-        gu.claim_run_dir(str(target))
+        run_safety.claim_run_dir(str(target))
     assert "run_dir" in str(info.value) and str(target) in str(info.value)
 
 
@@ -207,9 +212,9 @@ def test_rng_state_round_trip(tmp_path):
     gu.set_rng_state(state)
     assert torch.equal(torch.randn(10), a)
     # and through a checkpoint file
-    gu.save_checkpoint(tmp_path / "c.pt", {"rng": state})
+    run_safety.save_checkpoint(tmp_path / "c.pt", {"rng": state})
     torch.randn(7)
-    gu.set_rng_state(gu.load_checkpoint(tmp_path / "c.pt", required_keys=("rng",))["rng"])
+    gu.set_rng_state(run_safety.load_checkpoint(tmp_path / "c.pt", required_keys=("rng",))["rng"])
     assert torch.equal(torch.randn(10), a)
 
 
@@ -258,10 +263,10 @@ def assert_same(a, b, where="checkpoint"):
 
 def test_checkpoint_round_trip(tmp_path):
     original = sample_checkpoint()
-    path = gu.save_checkpoint(tmp_path / "checkpoint.pt", copy.deepcopy(original))
+    path = run_safety.save_checkpoint(tmp_path / "checkpoint.pt", copy.deepcopy(original))
     assert path == tmp_path / "checkpoint.pt"
-    loaded = gu.load_checkpoint(path)
-    assert loaded["format"] == gu.CHECKPOINT_FORMAT
+    loaded = run_safety.load_checkpoint(path)
+    assert loaded["format"] == run_safety.CHECKPOINT_FORMAT
     del loaded["format"]
     assert_same(original, loaded)
     # it really is weights_only-loadable, without gan_utils
@@ -271,8 +276,8 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_checkpoint_state_dicts_load_into_modules(tmp_path):
     original = sample_checkpoint()
-    gu.save_checkpoint(tmp_path / "c.pt", original)
-    loaded = gu.load_checkpoint(tmp_path / "c.pt")
+    run_safety.save_checkpoint(tmp_path / "c.pt", original)
+    loaded = run_safety.load_checkpoint(tmp_path / "c.pt")
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     model.load_state_dict(loaded["G"])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -281,37 +286,37 @@ def test_checkpoint_state_dicts_load_into_modules(tmp_path):
 
 
 def test_load_checkpoint_missing_file(tmp_path):
-    with pytest.raises(gu.CheckpointError, match="no such checkpoint"):
-        gu.load_checkpoint(tmp_path / "nothing.pt")
+    with pytest.raises(run_safety.CheckpointError, match="no such checkpoint"):
+        run_safety.load_checkpoint(tmp_path / "nothing.pt")
 
 
 def test_load_checkpoint_not_a_torch_file(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("this is not a checkpoint\n")
-    with pytest.raises(gu.CheckpointError) as info:
-        gu.load_checkpoint(path)
+    with pytest.raises(run_safety.CheckpointError) as info:
+        run_safety.load_checkpoint(path)
     assert str(path) in str(info.value) and "not a readable checkpoint" in str(info.value)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 0.99])
 def test_load_checkpoint_truncated(tmp_path, fraction):
-    path = gu.save_checkpoint(tmp_path / "checkpoint.pt", sample_checkpoint())
+    path = run_safety.save_checkpoint(tmp_path / "checkpoint.pt", sample_checkpoint())
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * fraction)])
-    with pytest.raises(gu.CheckpointError) as info:
-        gu.load_checkpoint(path)
+    with pytest.raises(run_safety.CheckpointError) as info:
+        run_safety.load_checkpoint(path)
     assert str(path) in str(info.value) and "checkpoint" in str(info.value)
 
 
 def test_load_checkpoint_without_format_tag(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"epoch": 3, "G": {}}, path)
-    with pytest.raises(gu.CheckpointError) as info:
-        gu.load_checkpoint(path)
-    assert "format tag" in str(info.value) and gu.CHECKPOINT_FORMAT in str(info.value)
+    with pytest.raises(run_safety.CheckpointError) as info:
+        run_safety.load_checkpoint(path)
+    assert "format tag" in str(info.value) and run_safety.CHECKPOINT_FORMAT in str(info.value)
     torch.save(torch.zeros(3), path)  # not even a dict
-    with pytest.raises(gu.CheckpointError, match="format tag"):
-        gu.load_checkpoint(path)
+    with pytest.raises(run_safety.CheckpointError, match="format tag"):
+        run_safety.load_checkpoint(path)
 
 
 class RunsCode:
@@ -328,13 +333,13 @@ class RunsCode:
 def test_load_checkpoint_never_runs_code(tmp_path, how):
     marker = tmp_path / "pwned"
     path = tmp_path / "checkpoint.pt"
-    payload = {"format": gu.CHECKPOINT_FORMAT, "epoch": 1, "G": RunsCode(marker)}
+    payload = {"format": run_safety.CHECKPOINT_FORMAT, "epoch": 1, "G": RunsCode(marker)}
     if how == "torch.save":
         torch.save(payload, path)
     else:
         path.write_bytes(pickle.dumps(payload))
-    with pytest.raises(gu.CheckpointError) as info:
-        gu.load_checkpoint(path)
+    with pytest.raises(run_safety.CheckpointError) as info:
+        run_safety.load_checkpoint(path)
     assert not marker.exists(), "loading the checkpoint ran code from it"
     assert str(path) in str(info.value)
     # control: the payload is live (an unrestricted unpickler does run it), so the check above means something
@@ -344,14 +349,29 @@ def test_load_checkpoint_never_runs_code(tmp_path, how):
 
 
 def test_check_checkpoint_fits_lists_every_difference():
-    saved = {"latent_dim": 100, "g_batchnorm": True, "lr_g": 2e-4}
-    gu.check_checkpoint_fits(saved, {"latent_dim": 100, "g_batchnorm": True, "lr_g": 1e-3})  # lr may change
-    with pytest.raises(gu.CheckpointError) as info:
-        gu.check_checkpoint_fits(saved, {"latent_dim": 64, "g_batchnorm": False, "lr_g": 2e-4})
+    shapes = {"g_hidden": [256, 512, 1024], "d_hidden": [512, 256]}
+    saved = {"latent_dim": 100, "g_batchnorm": True, "lr_g": 2e-4, **shapes}
+    run_safety.check_checkpoint_fits(saved, {"latent_dim": 100, "g_batchnorm": True, "lr_g": 1e-3, **shapes})  # lr may change
+    with pytest.raises(run_safety.CheckpointError) as info:
+        run_safety.check_checkpoint_fits(saved, {"latent_dim": 64, "g_batchnorm": False, "lr_g": 2e-4,
+                                         "g_hidden": [256, 512, 1024], "d_hidden": [256]})
     msg = str(info.value)
     assert "latent_dim: checkpoint has 100, notebook has 64" in msg
     assert "g_batchnorm: checkpoint has True, notebook has False" in msg
-    assert "lr_g" not in msg
+    assert "d_hidden: checkpoint has [512, 256], notebook has [256]" in msg
+    assert "lr_g" not in msg and "g_hidden" not in msg
+
+
+def test_a_checkpoint_from_before_the_width_settings_has_the_old_shapes():
+    # Made when D was fixed at 1024-512-256 (no g_hidden / d_hidden in its config): it resumes with
+    # d_hidden set to that, and the message for the new default says what to set.
+    old = {"latent_dim": 100, "g_batchnorm": True}
+    now = {"latent_dim": 100, "g_batchnorm": True, "g_hidden": (256, 512, 1024)}  # tuples compare as lists
+    run_safety.check_checkpoint_fits(old, {**now, "d_hidden": [1024, 512, 256]})
+    with pytest.raises(run_safety.CheckpointError) as info:
+        run_safety.check_checkpoint_fits(old, {**now, "d_hidden": [512, 256]})
+    assert ("d_hidden: checkpoint has [1024, 512, 256], notebook has [512, 256] (the checkpoint predates "
+            "this setting)") in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -371,22 +391,22 @@ def fail(exc):
 ])
 def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch, where, exc):
     path = tmp_path / "metrics.csv"
-    gu.atomic_write_bytes(path, b"old contents\n")
+    run_safety.atomic_write_bytes(path, b"old contents\n")
     monkeypatch.setattr(gu.os, where, fail(exc))
     with pytest.raises(type(exc)):
-        gu.atomic_write_bytes(path, b"new contents that never land\n")
+        run_safety.atomic_write_bytes(path, b"new contents that never land\n")
     monkeypatch.undo()
     assert path.read_bytes() == b"old contents\n"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no .tmp left behind
 
 
 def test_save_checkpoint_failure_keeps_old_checkpoint(tmp_path, monkeypatch):
-    path = gu.save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1, "w": torch.ones(3)})
+    path = run_safety.save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1, "w": torch.ones(3)})
     monkeypatch.setattr(gu.os, "replace", fail(OSError(28, "No space left on device")))
     with pytest.raises(OSError):
-        gu.save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
+        run_safety.save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
     monkeypatch.undo()
-    loaded = gu.load_checkpoint(path, required_keys=("epoch", "w"))
+    loaded = run_safety.load_checkpoint(path, required_keys=("epoch", "w"))
     assert loaded["epoch"] == 1 and torch.equal(loaded["w"], torch.ones(3))
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -472,7 +492,7 @@ def test_epoch_grid_paths_numeric_order(tmp_path):
     (tmp_path / "grids").mkdir()
     for e in (10, 2, 1, 100):
         (tmp_path / "grids" / f"epoch_{e:03d}.png").write_bytes(b"")
-    assert [p.name for p in gu.epoch_grid_paths(tmp_path)] == ["epoch_001.png", "epoch_002.png",
+    assert [p.name for p in run_safety.epoch_grid_paths(tmp_path)] == ["epoch_001.png", "epoch_002.png",
                                                                "epoch_010.png", "epoch_100.png"]
 
 
@@ -575,7 +595,7 @@ def test_divergence_and_resume_messages():
     msg = gu.divergence_message(7, 2, config, Path("/runs/x/checkpoint.pt"))
     assert "lr_d" in msg and "0.5" in msg and "lr_g" in msg and "0.25" in msg
     assert "epoch 3" in msg and "/runs/x/checkpoint.pt" in msg and "resume" in msg
-    msg = gu.resume_message(Path("/runs/x/checkpoint.pt"), 4)
+    msg = run_safety.resume_message(Path("/runs/x/checkpoint.pt"), 4)
     assert "resume" in msg and "/runs/x/checkpoint.pt" in msg and "epoch 4" in msg
 
 
@@ -596,7 +616,7 @@ def test_stopwatch_accumulates():
 @pytest.mark.parametrize("batchnorm", [True, False])
 def test_export_generator(tmp_path, nb, batchnorm):
     torch.manual_seed(0)
-    G = nb["Generator"](100, batchnorm)
+    G = nb["Generator"](100, batchnorm=batchnorm)
     G.train()(torch.randn(32, 100))  # move BatchNorm's running statistics off their initial values
     path = gu.export_generator(G, 100, tmp_path / "generator.pt2")
     assert path.is_file() and G.training  # exported a copy: the model itself stays in train mode
@@ -645,7 +665,7 @@ def test_notebook_definitions_present(nb):
 @pytest.mark.parametrize("batchnorm", [True, False])
 def test_generator_shapes(nb, batchnorm):
     torch.manual_seed(0)
-    G = nb["Generator"](100, batchnorm)
+    G = nb["Generator"](100, batchnorm=batchnorm)
     for mode in ("train", "eval"):
         getattr(G, mode)()
         with torch.no_grad():
@@ -653,12 +673,21 @@ def test_generator_shapes(nb, batchnorm):
         assert out.shape == (6, 784)
         assert out.min() >= -1 and out.max() <= 1
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in G.modules()) == batchnorm
-    assert nb["Generator"](16, batchnorm)(torch.randn(3, 16)).shape == (3, 784)
+    assert nb["Generator"](16, batchnorm=batchnorm)(torch.randn(3, 16)).shape == (3, 784)
+
+
+def test_hidden_widths_set_the_layers(nb):
+    G = nb["Generator"](16, [32, 64], batchnorm=False)
+    D = nb["Discriminator"]([48])
+    linear = torch.nn.Linear
+    assert [(m.in_features, m.out_features) for m in G.modules() if isinstance(m, linear)] == [(16, 32), (32, 64), (64, 784)]
+    assert [(m.in_features, m.out_features) for m in D.modules() if isinstance(m, linear)] == [(784, 48), (48, 1)]
+    assert G(torch.randn(3, 16)).shape == (3, 784) and D(G(torch.randn(3, 16))).shape == (3,)
 
 
 def test_discriminator_shapes(nb):
     torch.manual_seed(0)
-    D = nb["Discriminator"](0.3).eval()
+    D = nb["Discriminator"](dropout=0.3).eval()
     with torch.no_grad():
         logits = D(torch.rand(6, 784) * 2 - 1)
         assert logits.shape == (6,)
@@ -668,7 +697,7 @@ def test_discriminator_shapes(nb):
 
 def make_models(nb, batchnorm=True, seed=0):
     torch.manual_seed(seed)
-    G, D = nb["Generator"](100, batchnorm), nb["Discriminator"](0.3)
+    G, D = nb["Generator"](100, batchnorm=batchnorm), nb["Discriminator"](dropout=0.3)
     opt_G = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
     opt_D = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
     return G, D, opt_G, opt_D
@@ -797,9 +826,9 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path, umask_022):
     # 0o666 less the umask, not the 0o600 of a private temporary file.
     plain = tmp_path / "plain.txt"
     plain.write_bytes(b"x")
-    gu.atomic_write_bytes(tmp_path / "atomic.txt", b"x")
+    run_safety.atomic_write_bytes(tmp_path / "atomic.txt", b"x")
     gu.save_grid(torch.zeros(4, 784), tmp_path / "grid.png")
-    gu.save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1})
+    run_safety.save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1})
     expected = plain.stat().st_mode & 0o777
     assert expected == 0o644
     for name in ("atomic.txt", "grid.png", "checkpoint.pt"):
@@ -837,7 +866,7 @@ def test_r1_step_is_one_descent_step_on_the_weighted_penalty(nb):
 
 def test_generate_images_is_seeded_and_leaves_the_global_stream_alone(nb):
     torch.manual_seed(0)
-    G = nb["Generator"](16, True).train()
+    G = nb["Generator"](16, batchnorm=True).train()
     state = torch.get_rng_state()
     a = gu.generate_images(G, 1500, 16, seed=7)  # more than one chunk of 1,000
     b = gu.generate_images(G, 1500, 16, seed=7)

@@ -1,0 +1,606 @@
+"""Nothing lost: a run's directory, its checkpoints and what happens when it is stopped.
+
+* Writing files safely: every file a run writes replaces the old one atomically, a full disk is
+  reported with what was kept, and leftovers of killed writers are cleaned up.
+* Run directories: one run per directory (a finished run is never overwritten by accident) and one
+  process per directory (a lock that names its holder).
+* How to continue: the command that resumes a run, in every message that needs it.
+* Stopping safely: SIGTERM behaves like Ctrl-C, and a second interrupt cannot tear a save.
+* Checkpoints: plain dicts, saved atomically, loaded with `weights_only` (no code runs), checked
+  against the notebook's settings before anything is written.
+
+The one piece of module-level state is the registry of run-directory locks this process holds (see
+claim_run_dir).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import io
+import json
+import os
+import pickle
+import shlex
+import shutil
+import signal
+import tempfile
+import threading
+import weakref
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+try:  # POSIX: run directories are locked with flock; elsewhere they are not (see RunDirLock)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+
+class ParameterError(ValueError):
+    """A notebook parameter has a value it cannot take. The message names it and what is allowed."""
+
+
+# --------------------------------------------------------------------------------------------
+# Writing files safely: atomic replacement, a full disk, leftovers of killed writers
+# --------------------------------------------------------------------------------------------
+
+def _ordinary_file_mode() -> int:
+    """The mode open() would give a new file (0o666 less the umask): mkstemp's files are 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+class DiskFullError(OSError):
+    """A write failed for lack of space (or quota); the message says which file was left as it was."""
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (one owned by another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temp_owner(temp: Path, path: Path, suffix: str) -> int | None:
+    """The PID in a temporary name `<name>.<pid>.<random><suffix>`; None for other names."""
+    middle = temp.name[len(path.name) + 1:-len(suffix)]
+    pid = middle.split(".", 1)[0]
+    return int(pid) if pid.isdigit() and "." in middle else None
+
+
+def remove_dead_temp_files(path: str | os.PathLike, suffix: str, this_process: bool = False) -> list[Path]:
+    """Delete the temporary files beside `path` (`<name>.<pid>.<random><suffix>`, as
+    _new_file_replacing names them) whose process is gone, killed while writing. Those of live
+    processes stay: they may be writing right now. This process's own go too if `this_process`: for
+    a caller that has just written `path` and is its only writer here, such a file is what an
+    interrupt left of an earlier write (one that struck between the file's creation and the cleanup
+    that guards it). Returns what was deleted."""
+    path = Path(path)
+    stale = []
+    for temp in path.parent.glob(f"{glob.escape(path.name)}.*{suffix}"):
+        pid = _temp_owner(temp, path, suffix)
+        if pid is None:
+            continue
+        if (this_process and pid == os.getpid()) or (pid != os.getpid() and not _pid_alive(pid)):
+            temp.unlink(missing_ok=True)
+            stale.append(temp)
+    return stale
+
+
+@contextlib.contextmanager
+def _new_file_replacing(path: Path, suffix: str):
+    """Yield (file, its path): a new file beside `path`. When the block ends without an error, the
+    file is flushed, fsynced, given ordinary permissions and renamed over `path`; on any error it is
+    removed. So a crash leaves either the old file or the new one, never half of one.
+
+    Same directory, so the rename is atomic (one filesystem); the directory is fsynced afterwards
+    so the rename itself survives a power cut.
+    """
+    path = Path(path)
+    # The PID in the name tells a later cleanup whether the writer is still alive.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{os.getpid()}.", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f, Path(tmp)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _ordinary_file_mode())  # mkstemp makes 0o600; readable by others like any new file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename durable
+        dir_fd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one, never half.
+    A full disk raises DiskFullError saying that the file was left as it was."""
+    path = Path(path)
+    try:
+        with _new_file_replacing(path, suffix=".tmp") as (f, _):
+            f.write(data)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS or isinstance(exc, DiskFullError):
+            raise
+        raise DiskFullError(exc.errno, f"{exc.strerror} while writing {path}: the file was left as it "
+                            f"was ({_free_space(path.parent)} free there). Free some space, or write "
+                            "the run to another disk (run_dir).") from exc
+
+
+def _free_space(directory: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(directory).free / 1e6:,.1f} MB"
+    except OSError:
+        return "unknown space"
+
+
+# --------------------------------------------------------------------------------------------
+# Run directories: one run per directory, one process per run directory
+# --------------------------------------------------------------------------------------------
+
+# What a run writes into its directory besides grids/epoch_*.png: any of them means the directory
+# holds a run. The executed notebook (papermill writes it there before the run starts) and the
+# lock file are not among them.
+RUN_OUTPUTS = ("checkpoint.pt", "config.json", "metrics.csv", "metrics.json", "generator.pt2",
+               "progress.gif", "losses.png", "quality.png", "real_vs_generated.png", "interpolation.png")
+
+
+LOCK_FILE = ".lock"
+
+
+def resolve_run_dir(run_dir: str, resume: str = "", root: str = "runs") -> Path:
+    """The notebook's rule for where a run writes: `run_dir`; else the resumed checkpoint's own
+    directory; else runs/<date-time>/. Shared by the notebook and run_notebook.py so they agree."""
+    if run_dir:
+        return Path(run_dir).expanduser()
+    if resume:
+        return Path(os.path.dirname(os.path.abspath(Path(resume).expanduser())))
+    return Path(root) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def run_files(run_dir: str | os.PathLike) -> list[Path]:
+    """The files of a run in `run_dir` (RUN_OUTPUTS, per-epoch grids); [] when there are none."""
+    path = Path(run_dir).expanduser()
+    if not path.is_dir():
+        return []
+    return [path / n for n in RUN_OUTPUTS if (path / n).exists()] + epoch_grid_paths(path)
+
+
+def epoch_grid_paths(run_dir: str | os.PathLike) -> list[Path]:
+    """The per-epoch grid PNGs of a run, in epoch order."""
+    return sorted(Path(run_dir, "grids").glob("epoch_*.png"), key=lambda p: int(p.stem.split("_")[1]))
+
+
+def _inside(checkpoint: str | os.PathLike, run_dir: Path) -> bool:
+    """True when `checkpoint` lies directly in `run_dir` (resuming that run where it is)."""
+    parent = Path(checkpoint).expanduser().absolute().parent
+    try:
+        return parent.exists() and run_dir.exists() and os.path.samefile(parent, run_dir)
+    except OSError:
+        return False
+
+
+def _refuse_other_run(path: Path, resume: str, overwrite: bool) -> None:
+    """ParameterError when `path` holds a run that this one would overwrite or mix its files into."""
+    files = run_files(path)
+    if not files or overwrite or (resume and _inside(resume, path)):
+        return
+    names = [str(f.relative_to(path)) for f in files]
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    replace = "or set overwrite = True, which deletes the old run's checkpoint, metrics and grids first"
+    if resume:
+        raise ParameterError(
+            f"run_dir = {str(path)!r} already holds another run ({shown}), and resume = {str(resume)!r} "
+            "is not its checkpoint: the two runs' files would mix. Resume in the checkpoint's own "
+            f"directory (run_dir = '' does that) or in a new run_dir; {replace}.")
+    checkpoint = path / "checkpoint.pt"
+    cont = (f"set resume = {str(checkpoint)!r} (headless: {resume_command(checkpoint)})"
+            if checkpoint.is_file() else "there is no checkpoint.pt to resume from")
+    raise ParameterError(
+        f"run_dir = {str(path)!r} already holds a run ({shown}); a new run there would overwrite its "
+        f"checkpoint and mix its files into the new run's. To continue that run, {cont}; to start a "
+        f"new run, choose another run_dir ('' for runs/<date-time>/); {replace}.")
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _busy_message(path: Path, pid: int | None) -> str:
+    who = f"process {pid}" if pid else "another process"
+    stop = f"stop it (`kill -INT {pid}` saves its checkpoint first), " if pid else "stop it, "
+    return (f"run_dir = {str(path)!r} is in use: {who} is running there now (it holds "
+            f"{path / LOCK_FILE}). Wait for it to finish, {stop}or choose another run_dir.")
+
+
+# Locks this process holds, by directory: re-running the notebook's setup cell in the same kernel
+# gets the lock it already has instead of being refused by itself. Weak, so a lock nobody keeps is
+# released when it is garbage-collected.
+_HELD_LOCKS = weakref.WeakValueDictionary()
+
+
+def _lock_key(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def _own_lock(path: Path):
+    lock = _HELD_LOCKS.get(_lock_key(path))
+    return lock if lock is not None and lock.held and lock.pid == os.getpid() else None
+
+
+def lock_holder(run_dir: str | os.PathLike) -> int | None:
+    """The PID of another live process that holds `<run_dir>/.lock` (0 if its PID is unreadable),
+    or None when the directory is free or this process holds it. Writes nothing."""
+    path = Path(run_dir).expanduser()
+    lock_path = path / LOCK_FILE
+    if fcntl is None or not lock_path.is_file() or _own_lock(path) is not None:
+        return None
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:  # a shared lock conflicts with the holder's exclusive one; taken and dropped at once
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(fd) or 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class RunDirLock:
+    """This process's claim on a run directory: an exclusive flock on `<run_dir>/.lock`, which holds
+    the PID. Keep it in a variable as long as the run writes there (the notebook: the kernel's
+    lifetime). The OS drops the lock when the process ends, however it ends (SIGKILL included), so a
+    crashed run never leaves a stale lock; release() drops it earlier. The file itself stays:
+    deleting a lock file races with a process that has just opened it.
+    """
+
+    def __init__(self, run_dir: Path, fd: int | None):
+        self.run_dir, self.pid, self._fd = Path(run_dir), os.getpid(), fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if self.pid == os.getpid() and fcntl is not None:  # a forked child must not unlock its parent's lock
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.release()
+
+    def __repr__(self):
+        return f"RunDirLock({str(self.run_dir)!r}, pid={self.pid}, held={self.held})"
+
+
+def _acquire_lock(path: Path) -> RunDirLock:
+    """Lock `path` for this process or raise ParameterError naming the PID that holds it."""
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, _ordinary_file_mode())
+    except OSError as exc:
+        raise ParameterError(f"run_dir = {str(path)!r} is not writable ({exc.strerror}): use a "
+                             "directory you can write to, or '' for runs/<date-time>/") from None
+    if fcntl is None:  # pragma: no cover - no flock on this platform: unlocked, as before
+        os.close(fd)
+        return RunDirLock(path, None)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _read_pid(fd)
+        os.close(fd)
+        raise ParameterError(_busy_message(path, pid)) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    lock = RunDirLock(path, fd)
+    _HELD_LOCKS[_lock_key(path)] = lock
+    return lock
+
+
+def check_run_dir(run_dir: str | os.PathLike, resume: str = "", overwrite: bool = False) -> Path:
+    """Refuse, before anything is written, a run directory that is a file, that another live process
+    is writing to, or that holds a run this one is not resuming (unless `overwrite`). Writes nothing,
+    so it can run first; claim_run_dir() repeats the checks under the lock."""
+    path = Path(run_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ParameterError(f"run_dir = {str(path)!r} is a file, not a directory: use a directory "
+                             "path, or '' for runs/<date-time>/")
+    pid = lock_holder(path)
+    if pid is not None:
+        raise ParameterError(_busy_message(path, pid))
+    _refuse_other_run(path, resume, overwrite)
+    return path
+
+
+def claim_run_dir(run_dir: str | os.PathLike, resume: str = "", overwrite: bool = False) -> RunDirLock:
+    """Make `run_dir` this run's own: create it (with grids/), lock it for this process, and check
+    under the lock that it holds no run this one would overwrite; with `overwrite`, delete the old
+    run's files first. Call it after the settings, the data and the checkpoint have all been
+    checked, so a refused run has changed nothing. Returns the lock: keep it (see RunDirLock).
+
+    `resume` is the resume parameter: a checkpoint inside `run_dir` continues that run there.
+    """
+    path = check_run_dir(run_dir, resume, overwrite)
+    try:
+        (path / "grids").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ParameterError(f"run_dir = {str(path)!r} cannot be created ({exc.strerror}): use a "
+                             "directory you can write to, or '' for runs/<date-time>/") from None
+    lock = _own_lock(path)
+    fresh = lock is None
+    lock = lock or _acquire_lock(path)
+    try:
+        _refuse_other_run(path, resume, overwrite)  # again: nobody else can start there now
+        if overwrite:
+            clear_run_files(path)
+    except BaseException:
+        if fresh:
+            lock.release()
+        raise
+    return lock
+
+
+def clear_run_files(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete a run's files (RUN_OUTPUTS, grids, temporary files of dead processes) from `run_dir`;
+    other files stay. Returns what was deleted."""
+    path = Path(run_dir).expanduser()
+    gone = run_files(path)
+    for f in gone:
+        f.unlink(missing_ok=True)
+    for name in RUN_OUTPUTS:
+        gone += remove_dead_temp_files(path / name, ".tmp")
+    return gone
+
+
+def remove_grids_after(run_dir: str | os.PathLike, epoch: int) -> list[Path]:
+    """Delete grids/epoch_N.png for N > `epoch`: pictures of epochs that a resume or a rollback
+    undid, which would otherwise appear in progress.gif. Returns what was deleted."""
+    stale = [p for p in epoch_grid_paths(run_dir) if int(p.stem.split("_")[1]) > epoch]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+# --------------------------------------------------------------------------------------------
+# How to continue a run: the commands the messages give
+# --------------------------------------------------------------------------------------------
+
+def _double_quoted(text: str) -> str:
+    """`text` quoted for a POSIX shell, in double quotes where that is safe (easier to read)."""
+    return f'"{text}"' if not any(c in text for c in '"$`\\!') else shlex.quote(text)
+
+
+DEFAULT_NOTEBOOK = "Vanilla_GAN.ipynb"  # what `make run` runs unless NOTEBOOK= says otherwise
+
+
+def notebook_of_run(run_dir: str | os.PathLike) -> str:
+    """The notebook that wrote the run in `run_dir` (config.json's "notebook"; MNIST's by default)."""
+    try:
+        return json.loads(Path(run_dir, "config.json").read_text()).get("notebook", DEFAULT_NOTEBOOK)
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_NOTEBOOK
+
+
+def resume_command(checkpoint: str | os.PathLike) -> str:
+    """The shell command that continues a run headless, quoted so that any path works (spaces too):
+    make passes PARAMS to the shell unquoted, so the path inside it carries its own quotes."""
+    checkpoint = Path(checkpoint)
+    params = "-p resume " + shlex.quote(str(checkpoint))
+    notebook = notebook_of_run(checkpoint.parent)
+    which = "" if notebook == DEFAULT_NOTEBOOK else f"NOTEBOOK={shlex.quote(notebook)} "
+    return f"make run {which}RUN_DIR={shlex.quote(str(checkpoint.parent))} PARAMS={_double_quoted(params)}"
+
+
+def resume_message(checkpoint: Path, epoch: int) -> str:
+    checkpoint = Path(checkpoint)
+    return (
+        f"Saved {checkpoint} after epoch {epoch}. To continue: in Jupyter, run the training cell "
+        f"again (or set resume = {str(checkpoint)!r} after a restart); headless, "
+        f"`{resume_command(checkpoint)}` (papermill: `-p resume {shlex.quote(str(checkpoint))}`); "
+        f"the run continues in {checkpoint.parent}."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping safely: SIGTERM and a second interrupt
+# --------------------------------------------------------------------------------------------
+
+def _in_main_thread() -> bool:
+    """Python lets only the main thread set signal handlers."""
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside the block, SIGTERM (what `kill`, a job scheduler or a closing terminal sends) raises
+    KeyboardInterrupt in the main thread, as Ctrl-C does: the training cell's rollback-and-save path
+    runs instead of the process dying with the unfinished epoch's work and no checkpoint. The
+    previous handler is back after the block. Outside the main thread it does nothing."""
+    if not _in_main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"{signal.Signals(signum).name} received")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def interrupts_deferred(reraise: bool = True, report: Callable[[str], None] = print):
+    """Hold SIGINT and SIGTERM until the block ends: wrap the rollback's save in it, so that a
+    second Ctrl-C (or a SIGTERM) cannot cut the checkpoint short and lose the last good epoch.
+
+    Yields the list of signals held. After the block, a held signal is reported, and with `reraise`
+    turned into KeyboardInterrupt (unless the block raised already); without it, only reported -- for
+    a block that is followed by a `raise` anyway. The previous handlers are back after the block.
+    Outside the main thread it holds nothing.
+    """
+    held = []
+    if not _in_main_thread():
+        yield held
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield held
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if held:
+        names = " and ".join(dict.fromkeys(signal.Signals(s).name for s in held))
+        report(f"{names} arrived while saving; held until the save was complete.")
+        if reraise:
+            raise KeyboardInterrupt(f"{names} received (held during the save)")
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "vanilla-gan-checkpoint/1"
+
+
+# What the notebook's snapshot() puts in a checkpoint: a file without one of them cannot be resumed.
+CHECKPOINT_KEYS = ("config", "epoch", "G", "D", "G_ema", "opt_G", "opt_D", "fixed_noise", "rng", "history")
+
+
+# Settings that fix the networks' shapes: a checkpoint made with other values cannot be loaded.
+ARCHITECTURE_KEYS = ("latent_dim", "g_hidden", "d_hidden", "g_batchnorm")
+
+
+# What the networks were built with in checkpoints made before a shape became a setting.
+ARCHITECTURE_BEFORE_SETTING = {"g_hidden": [256, 512, 1024], "d_hidden": [1024, 512, 256]}
+
+
+class CheckpointError(RuntimeError):
+    """A file is not a checkpoint of this project, or does not fit the notebook's settings."""
+
+
+def _saved_epoch(path: Path) -> int | None:
+    """The epoch of the checkpoint at `path`, or None when there is none or it cannot be read."""
+    try:
+        return load_checkpoint(path, required_keys=("epoch",))["epoch"]
+    except (CheckpointError, KeyError, OSError):
+        return None
+
+
+def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> Path:
+    """Save a plain-dict checkpoint atomically, stamped with this project's format tag.
+
+    On a full disk the previous checkpoint stays, and the DiskFullError says which epoch it holds
+    and how to resume from it once there is space.
+    """
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, buffer)
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except DiskFullError as exc:
+        raise DiskFullError(exc.errno, _disk_full_message(path, checkpoint.get("epoch"))) from exc
+    # Left by a process killed mid-write, or by an interrupt of this one's previous save (the
+    # training loop is a checkpoint's only writer, so no save of this process is under way now).
+    remove_dead_temp_files(path, ".tmp", this_process=True)
+    return path
+
+
+def _disk_full_message(path: Path, epoch) -> str:
+    kept = _saved_epoch(path)
+    state = (f"{path} was not changed and still holds epoch {kept}, the last good checkpoint"
+             if kept is not None else f"no checkpoint was written to {path}")
+    then = (f"then resume from it: `{resume_command(path)}` (in Jupyter: set resume = {str(path)!r})"
+            if kept is not None else "then start the run again")
+    return (f"No space left on the device while saving the checkpoint of epoch {epoch}: {state}. "
+            f"Free some space ({_free_space(path.parent)} free in {path.parent}), {then}.")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", required_keys=CHECKPOINT_KEYS) -> dict:
+    """Load a checkpoint with `weights_only=True` (opening it can never run code from it), and check
+    that it holds `required_keys`: a tagged file without them would fail later with a bare KeyError."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file; check the `resume` parameter.")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # not a refused object: the pickle itself is broken
+            raise CheckpointError(f"{path} is not a readable checkpoint of this project (its contents "
+                                  "cannot be unpickled). Point `resume` at a checkpoint.pt written by "
+                                  "Vanilla_GAN.ipynb.") from None
+        raise CheckpointError(
+            f"{path} holds Python objects other than tensors and plain data, so it was refused "
+            "without running any of it. Checkpoints of this project never do: point `resume` at a "
+            "checkpoint.pt written by Vanilla_GAN.ipynb."
+        ) from None
+    except Exception as exc:  # truncated zip, not a torch file at all
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint of this project ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Point `resume` at a "
+            "checkpoint.pt written by Vanilla_GAN.ipynb."
+        ) from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this project "
+                              f"(no format tag {CHECKPOINT_FORMAT!r}); point `resume` at a "
+                              "checkpoint.pt written by Vanilla_GAN.ipynb.")
+    missing = [key for key in required_keys if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} is a checkpoint of this project but lacks {', '.join(missing)}: "
+                              "it is incomplete or was written by other code, and cannot be resumed. "
+                              "Point `resume` at another checkpoint.pt, or start afresh with resume=''.")
+    return checkpoint
+
+
+def check_checkpoint_fits(checkpoint_config: dict, config: dict, keys=ARCHITECTURE_KEYS) -> None:
+    """Raise CheckpointError listing every architecture setting where checkpoint and notebook differ."""
+    def saved(k):  # lists and tuples of widths compare equal; an older checkpoint has the old shapes
+        value = checkpoint_config.get(k, ARCHITECTURE_BEFORE_SETTING.get(k))
+        return list(value) if isinstance(value, tuple) else value
+
+    def wanted(k):
+        return list(config[k]) if isinstance(config.get(k), tuple) else config.get(k)
+
+    diffs = [f"{k}: checkpoint has {saved(k)!r}, notebook has {wanted(k)!r}"
+             + (" (the checkpoint predates this setting)" if k not in checkpoint_config else "")
+             for k in keys if saved(k) != wanted(k)]
+    if diffs:
+        raise CheckpointError("the checkpoint does not fit the notebook's settings:\n  - "
+                              + "\n  - ".join(diffs)
+                              + "\nSet these parameters as the checkpoint has them, or start afresh with resume=''.")
