@@ -200,6 +200,7 @@ def time_to_score(args, cfg: dict, device: torch.device) -> dict:
                           "--stop-at-score", str(args.score_target), "--final-samples", "0",
                           "--batch-size", str(cfg["batch_size"]), "--r1-gamma", str(cfg["r1_gamma"]),
                           "--r1-every", str(cfg["r1_every"]), "--matmul-precision", cfg["matmul_precision"],
+                          "--g-hidden", *map(str, cfg["g_hidden"]), "--d-hidden", *map(str, cfg["d_hidden"]),
                           "--train-subset", str(args.train_subset), "--out", str(Path(tmp) / "run.json")]
                          + (["--cuda-graphs"] if args.cuda_graphs else []))
     rows = run["rows"]
@@ -315,6 +316,9 @@ def main(argv=None) -> dict:
                              "the training time to --score-target (0 skips this run)")
     parser.add_argument("--score-target", type=float, default=9.0, help="the classifier score of the timed run")
     parser.add_argument("--train-subset", type=int, default=0, help="training images of the timed run (0: all)")
+    parser.add_argument("--g-hidden", type=int, nargs="+", default=None, metavar="WIDTH", help="override the notebook's")
+    parser.add_argument("--d-hidden", type=int, nargs="+", default=None, metavar="WIDTH",
+                        help="override the notebook's (1024 512 256: D before the fifth pass)")
     parser.add_argument("--out", default="runs/benchmark.json")
     args = parser.parse_args(argv)
     if args.dcgan:
@@ -329,8 +333,12 @@ def main(argv=None) -> dict:
         cfg["r1_every"] = args.r1_every
     if args.matmul_precision:
         cfg["matmul_precision"] = args.matmul_precision
+    for name in ("g_hidden", "d_hidden"):
+        if getattr(args, name):
+            cfg[name] = getattr(args, name)
     device = gu.pick_device(args.device)
     cfg["matmul_precision"], precision_reason = gs.resolve_matmul_precision(cfg["matmul_precision"], device)
+    cfg["d_hidden"], d_hidden_reason = gs.resolve_d_hidden(cfg["d_hidden"], device)
     nb = gu.load_notebook_definitions(NOTEBOOK)
     data = mnist_data.load_mnist(args.data_dir, device=device, download=True)
 
@@ -342,6 +350,7 @@ def main(argv=None) -> dict:
     naive = time_naive_pipeline(nb, cfg, args.data_dir, device, args.seconds, args.num_workers)
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "batch_size": cfg["batch_size"], "r1_gamma": cfg["r1_gamma"],
+        "g_hidden": cfg["g_hidden"], "d_hidden": cfg["d_hidden"], "d_hidden_reason": d_hidden_reason,
         "matmul_precision": cfg["matmul_precision"], "matmul_precision_reason": precision_reason,
         "cuda_graphs": args.cuda_graphs and device.type == "cuda",
         "matmul_peak_gflops": peak,
@@ -369,7 +378,7 @@ def main(argv=None) -> dict:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     gu.write_json(args.out, result)
     print(f"device {device}, {torch.get_num_threads()} threads, batch size {cfg['batch_size']}, r1_gamma {cfg['r1_gamma']}"
-          f", matmul precision {cfg['matmul_precision']} ({precision_reason})\n"
+          f", D hidden {cfg['d_hidden']} ({d_hidden_reason}), G hidden {cfg['g_hidden']}, matmul precision {cfg['matmul_precision']} ({precision_reason})\n"
           f"  matmul peak (fp32)        {peak:8.1f} GFLOP/s\n"
           f"  (a) notebook step         {ours['images_per_s']:8.0f} images/s  "
           f"({ours['gflops']:.1f} GFLOP/s = {result['share_of_matmul_peak']:.0%} of peak, "

@@ -2,6 +2,9 @@
 
 * `resolve_matmul_precision`: what `matmul_precision = "auto"` means on this machine (bfloat16 matmuls
   where the CPU has AMX or on a GPU, float32 on a CPU without AMX, where bfloat16 is no faster).
+* `resolve_d_hidden`: what `d_hidden = "auto"` means here (D's hidden widths: 1024-512-256 on a GPU or
+  a CPU with AMX, 768-384-192 on a CPU without AMX, where a step is FLOP-bound; a resumed run keeps
+  the checkpoint's).
 * `step_runner`: the notebook's training step either as written (eager, the reference) or captured
   in CUDA graphs (`cuda_graphs = True`): one graph per kind of step, replayed with no Python or kernel
   launch overhead. The notebooks split their step into `step_schedule` (what a step does: a function
@@ -17,6 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from run_safety import ARCHITECTURE_BEFORE_SETTING
 
 # ONEDNN_MAX_CPU_ISA values that leave AMX available (oneDNN's names; anything else caps below it).
 _ISA_WITH_AMX = ("ALL", "DEFAULT")
@@ -56,6 +61,37 @@ def resolve_matmul_precision(precision: str, device: torch.device, amx: bool | N
         return "medium", "auto: this CPU has AMX, which multiplies bfloat16 matrices 2-3x faster than float32"
     return "highest", ("auto: this CPU has no AMX (or ONEDNN_MAX_CPU_ISA caps it), where bfloat16 matmuls "
                        "are no faster than float32: training in float32")
+
+
+# D's hidden-layer widths for `d_hidden = "auto"`: as most reimplementations have it where matmuls are
+# cheap, three quarters of that where the step is bound by float32 matmul FLOPs (docs/experiments.md,
+# "Narrower networks": 1.37x the images per second there, the same final scores; with AMX only 1.09x,
+# for a slightly worse FD, so the wider D stays).
+D_HIDDEN_WIDE = [1024, 512, 256]
+D_HIDDEN_NARROW = [768, 384, 192]
+
+
+def resolve_d_hidden(d_hidden, device: torch.device, model_config: dict | None = None,
+                     amx: bool | None = None) -> tuple[list[int], str]:
+    """(D's hidden widths, why) for the notebook parameter `d_hidden` (a list, or "auto").
+
+    "auto" keeps the widths of the networks `model_config` describes (a checkpoint's settings, or the
+    models already built in this kernel): a run resumes with the networks it has, on any machine.
+    Otherwise: D_HIDDEN_WIDE on a GPU or a CPU with AMX, D_HIDDEN_NARROW on a CPU without AMX.
+    """
+    if d_hidden != "auto":
+        return list(d_hidden), "as set"
+    if model_config is not None:
+        saved = model_config.get("d_hidden", ARCHITECTURE_BEFORE_SETTING["d_hidden"])
+        if saved != "auto":
+            return list(saved), "auto: the widths of the networks being continued"
+    device = torch.device(device)
+    if device.type != "cpu":
+        return list(D_HIDDEN_WIDE), f"auto: {device.type} device"
+    if cpu_has_amx() if amx is None else amx:
+        return list(D_HIDDEN_WIDE), "auto: this CPU has AMX, where narrower layers save little time"
+    return list(D_HIDDEN_NARROW), ("auto: this CPU has no AMX, so each float32 FLOP counts: 3/4 width, "
+                                   "22% fewer FLOPs a step, the same scores")
 
 
 # --------------------------------------------------------------------------------------------

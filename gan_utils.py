@@ -112,8 +112,9 @@ PARAMETER_RULES = {
     "latent_dim": (_positive_int, "an integer >= 1"),
     "g_hidden": (_layer_widths, "a list of hidden-layer widths (integers >= 1), e.g. [256, 512, 1024]; "
                                 "in make run's PARAMS: -p g_hidden '[256, 512, 1024]' (papermill itself: -y 'g_hidden: [256, 512, 1024]')"),
-    "d_hidden": (_layer_widths, "a list of hidden-layer widths (integers >= 1), e.g. [512, 256]; "
-                                "in make run's PARAMS: -p d_hidden '[512, 256]' (papermill itself: -y 'd_hidden: [512, 256]')"),
+    "d_hidden": (lambda v: v == "auto" or _layer_widths(v),
+                 "'auto' or a list of hidden-layer widths (integers >= 1), e.g. [1024, 512, 256]; in make run's "
+                 "PARAMS: -p d_hidden '[1024, 512, 256]' (papermill itself: -y 'd_hidden: [1024, 512, 256]')"),
     "g_batchnorm": (_is_bool, "True or False"),
     "d_dropout": (_unit_interval_open, "a number in [0, 1)"),
     "g_loss": (lambda v: v in ("non_saturating", "minimax"), "'non_saturating' or 'minimax'"),

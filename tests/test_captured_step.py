@@ -42,8 +42,23 @@ def test_auto_precision_is_bfloat16_with_amx_or_on_a_gpu_and_float32_on_other_cp
         assert gs.resolve_matmul_precision(explicit, cpu, amx=False) == (explicit, "as set")
 
 
+def test_auto_d_widths_are_narrower_only_on_a_cpu_without_amx_and_a_resume_keeps_its_own():
+    cpu = torch.device("cpu")
+    assert gs.resolve_d_hidden("auto", cpu, amx=True)[0] == [1024, 512, 256]
+    widths, why = gs.resolve_d_hidden("auto", cpu, amx=False)
+    assert widths == [768, 384, 192] and "no AMX" in why
+    assert gs.resolve_d_hidden("auto", torch.device("cuda"), amx=False)[0] == [1024, 512, 256]
+    assert gs.resolve_d_hidden([64, 32], cpu, amx=False) == ([64, 32], "as set")  # never second-guessed
+    assert gs.resolve_d_hidden((64, 32), cpu, {"d_hidden": [128]}) == ([64, 32], "as set")  # the fit check then refuses
+    # "auto" continues the networks a checkpoint (or this kernel) holds, whatever this machine would pick;
+    # a checkpoint from before the setting existed holds the old fixed widths.
+    widths, why = gs.resolve_d_hidden("auto", cpu, {"d_hidden": [768, 384, 192]}, amx=True)
+    assert widths == [768, 384, 192] and "continued" in why
+    assert gs.resolve_d_hidden("auto", cpu, {"latent_dim": 100}, amx=False)[0] == [1024, 512, 256]
+
+
 def test_auto_precision_is_an_allowed_value_and_a_typo_is_refused():
-    gu.validate_parameters({"matmul_precision": "auto", "cuda_graphs": True})
+    gu.validate_parameters({"matmul_precision": "auto", "cuda_graphs": True, "d_hidden": "auto"})
     with pytest.raises(gu.ParameterError, match="matmul_precision.*'auto'"):
         gu.validate_parameters({"matmul_precision": "bf16"})
     with pytest.raises(gu.ParameterError, match="cuda_graphs"):
@@ -57,7 +72,7 @@ def nb():
 
 def settings(**changes):
     s = gu.notebook_defaults(REPO / "Vanilla_GAN.ipynb")
-    s.update(latent_dim=8, batch_size=16, **changes)
+    s.update(latent_dim=8, batch_size=16, d_hidden=[64, 32], **changes)
     return s
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+import gan_speed as gs
 import gan_utils as gu
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def test_r1_step_never_reads_values_to_the_host(nb):
 
 def test_the_whole_recipe_step_never_reads_values_to_the_host(nb):
     # train_step with every part on: a G step, an R1 step (step 4) and the EMA update.
-    s = {**gu.notebook_defaults(NOTEBOOK), "latent_dim": 16, "r1_every": 4}
+    s = {**gu.notebook_defaults(NOTEBOOK), "latent_dim": 16, "r1_every": 4, "d_hidden": [1024, 512, 256]}
     parts = nb["build_training_parts"](s, "cpu")
     with RecordHostSyncs() as recorder:
         for step in (3, 4):
@@ -117,7 +118,8 @@ def test_benchmark_writes_its_figures(tmp_path, data_dir):
     assert saved["notebook_step"]["images_per_s"] > 0 and saved["naive_pipeline"]["images_per_s"] > 0
     # The FLOP count matches the networks' matmuls, counted by hand from the layer shapes, plus a
     # quarter of an R1 step (every 4th step; a forward and a double backward through D).
-    plain, d_forward = step_matmul_flops(gu.notebook_defaults(REPO / "Vanilla_GAN.ipynb"))
+    plain, d_forward = step_matmul_flops({**gu.notebook_defaults(REPO / "Vanilla_GAN.ipynb"), "d_hidden": saved["d_hidden"]})
+    assert saved["d_hidden"] == gs.resolve_d_hidden("auto", torch.device("cpu"))[0]  # "auto", as the notebook resolves it
     assert plain + 3.4 * d_forward / 4 < saved["notebook_step"]["flops_per_image"] < plain + 8.6 * d_forward / 4
     assert result["speedup_vs_naive"] == pytest.approx(
         result["notebook_step"]["images_per_s"] / result["naive_pipeline"]["images_per_s"])
@@ -126,12 +128,12 @@ def test_benchmark_writes_its_figures(tmp_path, data_dir):
 def test_benchmark_without_r1_counts_the_plain_step_and_profiles_it(tmp_path, data_dir):
     import benchmark
 
-    result = benchmark.main(["--data-dir", str(data_dir), "--seconds", "1", "--batch-size", "64",
-                             "--r1-gamma", "0", "--profile", "5", "--score-epochs", "0", "--out", str(tmp_path / "bench.json")])
-    # By hand from the layer shapes (step_matmul_flops): the FLOPs per image of a D and a G step.
-    assert result["r1_gamma"] == 0
-    plain, _ = step_matmul_flops(gu.notebook_defaults(REPO / "Vanilla_GAN.ipynb"))
-    assert result["notebook_step"]["flops_per_image"] == pytest.approx(plain, rel=1e-3)
+    result = benchmark.main(["--data-dir", str(data_dir), "--seconds", "1", "--batch-size", "64", "--d-hidden", "1024", "512",
+                             "256", "--r1-gamma", "0", "--profile", "5", "--score-epochs", "0", "--out", str(tmp_path / "bench.json")])
+    # By hand from the layer shapes (step_matmul_flops): the FLOPs per image of a D and a G step, here
+    # with D's widths of before the fifth pass (28.98 MFLOP, the count of the first benchmark).
+    assert result["r1_gamma"] == 0 and result["d_hidden"] == [1024, 512, 256]
+    assert result["notebook_step"]["flops_per_image"] == pytest.approx(28_975_104, rel=1e-3)
     shares = result["notebook_step"]["profile"]
     assert set(shares) == {"matmul", "adam", "ema", "rest"}
     assert sum(shares.values()) == pytest.approx(1.0) and shares["matmul"] > shares["ema"] > 0

@@ -18,10 +18,12 @@ def test_options_are_typed_like_the_notebooks_parameters():
     assert (s["g_batchnorm"], s["g_loss"], s["r1_every"], s["lr_d"]) == (False, "minimax", 2, 1e-3)
     s = sweep.recipe(sweep.parse_args(["--d-hidden", "1024", "512", "256", "--g-hidden", "64"]))
     assert (s["d_hidden"], s["g_hidden"]) == ([1024, 512, 256], [64])
+    assert sweep.recipe(sweep.parse_args(["--d-hidden", "auto"]))["d_hidden"] == "auto"
 
 
 @pytest.mark.parametrize("argv, message", [(["--beta1", "1.5"], "beta1 = 1.5"), (["--g-loss", "hinge"], "g_loss"),
-                                           (["--g-batchnorm", "maybe"], "expected 1/0")])
+                                           (["--g-batchnorm", "maybe"], "expected 1/0"),
+                                           (["--d-hidden", "wide"], "expected layer widths"), (["--d-hidden", "0"], "d_hidden = [0]")])
 def test_bad_settings_are_refused_with_the_notebooks_rules(argv, message, capsys):
     with pytest.raises(SystemExit):
         sweep.parse_args(argv)

@@ -86,7 +86,7 @@ def test_parameters_from_names_a_missing_parameter(defaults):
     ("d_hidden", [], "a list of hidden-layer widths"),
     ("d_hidden", [512, 0], "a list of hidden-layer widths"),
     ("g_hidden", [256.0, 512], "a list of hidden-layer widths"),
-    ("d_hidden", "512, 256", "-p d_hidden '[512, 256]'"),  # papermill's own -p makes a string of it
+    ("d_hidden", "512, 256", "-p d_hidden '[1024, 512, 256]'"),  # papermill's own -p makes a string of it
 ])
 def test_bad_parameter_is_named_with_allowed_values(defaults, name, value, allowed):
     msg = bad(defaults, **{name: value})
@@ -748,7 +748,7 @@ def test_adversarial_update_is_deterministic(nb):
 
 def recipe(nb, **changes):
     """The notebook's default settings (a smaller latent) with `changes`, and parts built from them."""
-    s = {**gu.notebook_defaults(NOTEBOOK), "latent_dim": 16, **changes}
+    s = {**gu.notebook_defaults(NOTEBOOK), "latent_dim": 16, "d_hidden": [1024, 512, 256], **changes}
     torch.manual_seed(0)
     return nb["build_training_parts"](s, "cpu"), s
 
