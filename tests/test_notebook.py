@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import gan_speed as gs
 import gan_utils as gu
 import run_safety
 from conftest import (NOTEBOOK, REPO_ROOT, TINY_PARAMS, cell_text, execute_cached, is_machine_column, kernel_env,
@@ -204,6 +205,21 @@ def test_resume_equals_straight_run(run, notebook_runs, tmp_path, data_dir):
     assert run_safety.load_checkpoint(resumed_dir / "checkpoint.pt")["epoch"] == 4
     with Image.open(resumed_dir / "progress.gif") as gif:
         assert gif.n_frames == 4
+
+
+def test_auto_d_widths_follow_the_hardware_and_a_resume_keeps_its_own(run, tmp_path, data_dir):
+    config = json.loads((run.run_dir / "config.json").read_text())
+    assert config["d_hidden"] == gs.resolve_d_hidden("auto", torch.device("cpu"))[0]
+    assert config["d_hidden_reason"].startswith("auto: ")
+    # A run made with other widths (as "auto" picks on another kind of machine) continues with its own.
+    first = execute_cached(tmp_path / "first", data_dir, d_hidden=[64, 32], epochs=1, eval_samples=0)
+    first.check()
+    second = execute_cached(tmp_path / "second", data_dir, resume=str(first.run_dir / "checkpoint.pt"), run_dir="",
+                            epochs=2, eval_samples=0)
+    second.check()
+    assert "D's hidden layers: [64, 32] (auto: the widths of the networks being continued)" in notebook_text(second.nb)
+    resumed = run_safety.load_checkpoint(first.run_dir / "checkpoint.pt")
+    assert resumed["epoch"] == 2 and resumed["config"]["d_hidden"] == [64, 32]
 
 
 def test_sweep_trains_the_same_weights_as_the_notebook(run, tmp_path, data_dir):
