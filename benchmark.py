@@ -318,7 +318,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-subset", type=int, default=0, help="training images of the timed run (0: all)")
     parser.add_argument("--g-hidden", type=int, nargs="+", default=None, metavar="WIDTH", help="override the notebook's")
     parser.add_argument("--d-hidden", type=int, nargs="+", default=None, metavar="WIDTH",
-                        help="override the notebook's (1024 512 256: D before the fifth pass)")
+                        help="override the notebook's \"auto\" (1024 512 256 or 768 384 192: the two widths it picks from)")
     parser.add_argument("--out", default="runs/benchmark.json")
     args = parser.parse_args(argv)
     if args.dcgan:

@@ -87,7 +87,7 @@ def resolve_d_hidden(d_hidden, device: torch.device, model_config: dict | None =
             return list(saved), "auto: the widths of the networks being continued"
     device = torch.device(device)
     if device.type != "cpu":
-        return list(D_HIDDEN_WIDE), f"auto: {device.type} device"
+        return list(D_HIDDEN_WIDE), f"auto: a {device.type} device, where a step is bound by kernel launches, not FLOPs"
     if cpu_has_amx() if amx is None else amx:
         return list(D_HIDDEN_WIDE), "auto: this CPU has AMX, where narrower layers save little time"
     return list(D_HIDDEN_NARROW), ("auto: this CPU has no AMX, so each float32 FLOP counts: 3/4 width, "
