@@ -17,7 +17,8 @@ as `-p d_hidden '[512, 256]'` too). run_dir defaults as in the notebook (the res
 directory, else runs/<date-time>/) and is always passed to the notebook, so both agree; the executed
 notebook goes to <run_dir>/<notebook> unless -o says otherwise. Before anything is written, a run directory that holds another run or is
 in use by another process is refused (run_safety.check_run_dir), so the executed notebook of a
-finished run is never overwritten.
+finished run is never overwritten. The kernel process's own stderr (not the cells' output, which
+papermill shows) goes to <run_dir>/kernel.log.
 
 Exit status: 0 done; 1 a cell failed; 2 refused before starting; 128 + N stopped by signal N (130
 when the kernel itself was interrupted).
@@ -37,6 +38,7 @@ import threading
 from pathlib import Path
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+KERNEL_LOG = "kernel.log"  # in the run directory: the kernel process's stderr (see Stopper.kernel_manager_class)
 
 
 def typed(value: str):
@@ -77,16 +79,28 @@ class Stopper:
         self.signals: list[int] = []
         self.kernel_managers: list = []
         self.cells_started = 0  # until a cell starts, the kernel may still be starting: no signal to it then
+        self.kernel_logs: list = []  # the open kernel.log files, closed when the run ends
 
-    def kernel_manager_class(self):
-        """papermill's kernel manager, remembering itself here so that a signal can reach the kernel."""
+    def kernel_manager_class(self, kernel_log: Path | None = None):
+        """papermill's kernel manager, remembering itself here so that a signal can reach the kernel.
+
+        With `kernel_log`, the kernel process's own stderr goes to that file instead of the terminal:
+        its start-up warnings, and the tracebacks that ipykernel sometimes logs when its sockets close
+        under it at shutdown after an interrupt (harmless, but alarming on the terminal). What the
+        notebook's cells print, errors included, still comes through papermill."""
         from jupyter_client import AsyncKernelManager
-        managers = self.kernel_managers
+        managers, logs = self.kernel_managers, self.kernel_logs
 
         class RecordedKernelManager(AsyncKernelManager):
             def __init__(self, **kwargs):
                 super().__init__(**kwargs)
                 managers.append(self)
+
+            async def start_kernel(self, **kw):
+                if kernel_log is not None and "stderr" not in kw:
+                    logs.append(open(kernel_log, "ab"))
+                    kw["stderr"] = logs[-1]
+                return await super().start_kernel(**kw)
 
         return RecordedKernelManager
 
@@ -172,12 +186,21 @@ def resume_report(run_dir: Path) -> str:
 
 def execute(args, run_dir: Path, output: Path, stopper: Stopper) -> tuple[int, str]:
     """Run the notebook; return (exit status, what to tell the user)."""
+    try:
+        return execute_logged(args, run_dir, output, stopper)
+    finally:
+        for log in stopper.kernel_logs:
+            log.close()
+
+
+def execute_logged(args, run_dir: Path, output: Path, stopper: Stopper) -> tuple[int, str]:
     import papermill
+    kernel_log = run_dir / KERNEL_LOG
     try:
         papermill.execute_notebook(
             args.notebook, str(output), parameters=args.parameters, kernel_name=args.kernel,
             log_output=True, progress_bar=not args.no_progress_bar, cwd=args.cwd,
-            kernel_manager_class=stopper.kernel_manager_class(), on_cell_start=stopper.before_cell)
+            kernel_manager_class=stopper.kernel_manager_class(kernel_log), on_cell_start=stopper.before_cell)
     except papermill.PapermillExecutionError as exc:
         if stopper.signals:
             signum = stopper.signals[0]
@@ -191,7 +214,8 @@ def execute(args, run_dir: Path, output: Path, stopper: Stopper) -> tuple[int, s
         return 128 + signum, f"Stopped ({signal.Signals(signum).name}). " + resume_report(run_dir)
     except Exception as exc:  # the kernel died (killed, out of memory), or it never started
         status = 128 + stopper.signals[0] if stopper.signals else 1
-        return status, f"The run ended abnormally: {type(exc).__name__}: {exc}\n" + resume_report(run_dir)
+        return status, (f"The run ended abnormally: {type(exc).__name__}: {exc}\n"
+                        f"The kernel's own messages are in {kernel_log}.\n" + resume_report(run_dir))
     if stopper.signals:  # the signal came as the last cell finished: the run is complete
         return 0, f"Done (the {signal.Signals(stopper.signals[0]).name} came too late to stop it)."
     return 0, f"Done: results in {run_dir}/"

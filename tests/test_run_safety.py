@@ -655,10 +655,12 @@ def check_stopped_trial(trial: Trial, expected_rc: int) -> str:
     """Everything a stopped run must satisfy; returns one line for the report."""
     out = trial.output
     assert trial.proc.returncode == expected_rc, out
-    for bad in ("Traceback", "zmq", "Aborted!"):
+    for bad in ("Traceback", "zmq", "Aborted!", "IPKernelApp"):  # the kernel's own messages go to kernel.log
         assert bad not in out, f"{bad!r} on the terminal:\n{out}"
     assert not list(trial.run_dir.glob("*.tmp")), "a temporary file was left"
     checkpoint = trial.run_dir / "checkpoint.pt"
+    if trial.completed():  # the kernel ran: what it wrote to its stderr is in the run directory
+        assert (trial.run_dir / "kernel.log").is_file()
     if not checkpoint.is_file():
         assert "nothing to resume" in out, out
         return "stopped before the first checkpoint: 'nothing to resume'"
