@@ -55,12 +55,19 @@ def resolve_matmul_precision(precision: str, device: torch.device, amx: bool | N
     if precision != "auto":
         return precision, "as set"
     device = torch.device(device)
+    return {"gpu": ("medium", f"auto: {device.type} device"),
+            "amx": ("medium", "auto: this CPU has AMX, which multiplies bfloat16 matrices 2-3x faster than float32"),
+            "no_amx": ("highest", "auto: this CPU has no AMX (or ONEDNN_MAX_CPU_ISA caps it), where bfloat16 "
+                                  "matmuls are no faster than float32: training in float32"),
+            }[_hardware(device, amx)]
+
+
+def _hardware(device: torch.device, amx: bool | None) -> str:
+    """What the "auto" settings go by: "gpu" (any device but the CPU), "amx" (a CPU whose AMX oneDNN
+    may use) or "no_amx" (a CPU where a step is bound by float32 matmul FLOPs)."""
     if device.type != "cpu":
-        return "medium", f"auto: {device.type} device"
-    if cpu_has_amx() if amx is None else amx:
-        return "medium", "auto: this CPU has AMX, which multiplies bfloat16 matrices 2-3x faster than float32"
-    return "highest", ("auto: this CPU has no AMX (or ONEDNN_MAX_CPU_ISA caps it), where bfloat16 matmuls "
-                       "are no faster than float32: training in float32")
+        return "gpu"
+    return "amx" if (cpu_has_amx() if amx is None else amx) else "no_amx"
 
 
 # D's hidden-layer widths for `d_hidden = "auto"`: as most reimplementations have it where matmuls are
@@ -81,17 +88,16 @@ def resolve_d_hidden(d_hidden, device: torch.device, model_config: dict | None =
     """
     if d_hidden != "auto":
         return list(d_hidden), "as set"
-    if model_config is not None:
-        saved = model_config.get("d_hidden", ARCHITECTURE_BEFORE_SETTING["d_hidden"])
-        if saved != "auto":
-            return list(saved), "auto: the widths of the networks being continued"
+    if model_config is not None:  # its widths are resolved: configs hold what the networks were built with
+        return (list(model_config.get("d_hidden", ARCHITECTURE_BEFORE_SETTING["d_hidden"])),
+                "auto: the widths of the networks being continued")
     device = torch.device(device)
-    if device.type != "cpu":
-        return list(D_HIDDEN_WIDE), f"auto: a {device.type} device, where a step is bound by kernel launches, not FLOPs"
-    if cpu_has_amx() if amx is None else amx:
-        return list(D_HIDDEN_WIDE), "auto: this CPU has AMX, where narrower layers save little time"
-    return list(D_HIDDEN_NARROW), ("auto: this CPU has no AMX, so each float32 FLOP counts: 3/4 width, "
-                                   "22% fewer FLOPs a step, the same scores")
+    widths, why = {"gpu": (D_HIDDEN_WIDE, f"a {device.type} device, where a step is bound by kernel launches, not FLOPs"),
+                   "amx": (D_HIDDEN_WIDE, "this CPU has AMX, where narrower layers save little time"),
+                   "no_amx": (D_HIDDEN_NARROW, "this CPU has no AMX, so each float32 FLOP counts: 3/4 width, "
+                                               "22% fewer FLOPs a step, the same scores"),
+                   }[_hardware(device, amx)]
+    return list(widths), "auto: " + why
 
 
 # --------------------------------------------------------------------------------------------

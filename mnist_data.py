@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from run_safety import _new_file_replacing, remove_dead_temp_files
+from run_safety import new_file_replacing, remove_dead_temp_files
 
 DATA_DIR_ENV = "GAN_DATA_DIR"  # environment variable that overrides the notebook's default data_dir
 
@@ -144,7 +144,7 @@ def _download(url: str, dest: Path, md5: str, timeout: float, deadline: float | 
     fails after it; `deadline` (a time.monotonic() value) bounds the whole file, so a mirror that
     trickles a byte at a time fails too. Progress goes to `report` every few seconds.
     """
-    with _new_file_replacing(dest, suffix=".part") as (out, tmp):
+    with new_file_replacing(dest, suffix=".part") as (out, tmp):
         with urllib.request.urlopen(url, timeout=timeout) as response:
             headers = getattr(response, "headers", None)
             size = int(headers.get("Content-Length") or 0) if headers is not None else 0

@@ -15,10 +15,11 @@ already on disk stays).
 Parameters are papermill's `-p name value` pairs (values typed as papermill types them; a list such
 as `-p d_hidden '[512, 256]'` too). run_dir defaults as in the notebook (the resumed checkpoint's
 directory, else runs/<date-time>/) and is always passed to the notebook, so both agree; the executed
-notebook goes to <run_dir>/<notebook> unless -o says otherwise. Before anything is written, a run directory that holds another run or is
-in use by another process is refused (run_safety.check_run_dir), so the executed notebook of a
-finished run is never overwritten. The kernel process's own stderr (not the cells' output, which
-papermill shows) goes to <run_dir>/kernel.log.
+notebook goes to <run_dir>/<notebook> unless -o says otherwise. Before anything is written, a run
+directory that holds another run or is in use by another process is refused
+(run_safety.check_run_dir), so the executed notebook of a finished run is never overwritten. The
+kernel process's own stderr (not the cells' output, which papermill shows) goes to
+<run_dir>/kernel.log.
 
 Exit status: 0 done; 1 a cell failed; 2 refused before starting; 128 + N stopped by signal N (130
 when the kernel itself was interrupted).
@@ -79,17 +80,16 @@ class Stopper:
         self.signals: list[int] = []
         self.kernel_managers: list = []
         self.cells_started = 0  # until a cell starts, the kernel may still be starting: no signal to it then
-        self.kernel_logs: list = []  # the open kernel.log files, closed when the run ends
 
-    def kernel_manager_class(self, kernel_log: Path | None = None):
+    def kernel_manager_class(self, kernel_log=None):
         """papermill's kernel manager, remembering itself here so that a signal can reach the kernel.
 
-        With `kernel_log`, the kernel process's own stderr goes to that file instead of the terminal:
+        With `kernel_log` (an open file), the kernel process's own stderr goes there, not to the terminal:
         its start-up warnings, and the tracebacks that ipykernel sometimes logs when its sockets close
         under it at shutdown after an interrupt (harmless, but alarming on the terminal). What the
         notebook's cells print, errors included, still comes through papermill."""
         from jupyter_client import AsyncKernelManager
-        managers, logs = self.kernel_managers, self.kernel_logs
+        managers = self.kernel_managers
 
         class RecordedKernelManager(AsyncKernelManager):
             def __init__(self, **kwargs):
@@ -97,9 +97,8 @@ class Stopper:
                 managers.append(self)
 
             async def start_kernel(self, **kw):
-                if kernel_log is not None and "stderr" not in kw:
-                    logs.append(open(kernel_log, "ab"))
-                    kw["stderr"] = logs[-1]
+                if kernel_log is not None:
+                    kw.setdefault("stderr", kernel_log)
                 return await super().start_kernel(**kw)
 
         return RecordedKernelManager
@@ -186,21 +185,14 @@ def resume_report(run_dir: Path) -> str:
 
 def execute(args, run_dir: Path, output: Path, stopper: Stopper) -> tuple[int, str]:
     """Run the notebook; return (exit status, what to tell the user)."""
-    try:
-        return execute_logged(args, run_dir, output, stopper)
-    finally:
-        for log in stopper.kernel_logs:
-            log.close()
-
-
-def execute_logged(args, run_dir: Path, output: Path, stopper: Stopper) -> tuple[int, str]:
     import papermill
     kernel_log = run_dir / KERNEL_LOG
     try:
-        papermill.execute_notebook(
-            args.notebook, str(output), parameters=args.parameters, kernel_name=args.kernel,
-            log_output=True, progress_bar=not args.no_progress_bar, cwd=args.cwd,
-            kernel_manager_class=stopper.kernel_manager_class(kernel_log), on_cell_start=stopper.before_cell)
+        with open(kernel_log, "ab") as log:
+            papermill.execute_notebook(
+                args.notebook, str(output), parameters=args.parameters, kernel_name=args.kernel,
+                log_output=True, progress_bar=not args.no_progress_bar, cwd=args.cwd,
+                kernel_manager_class=stopper.kernel_manager_class(log), on_cell_start=stopper.before_cell)
     except papermill.PapermillExecutionError as exc:
         if stopper.signals:
             signum = stopper.signals[0]

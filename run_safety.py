@@ -82,7 +82,7 @@ def _temp_owner(temp: Path, path: Path, suffix: str) -> int | None:
 
 def remove_dead_temp_files(path: str | os.PathLike, suffix: str, this_process: bool = False) -> list[Path]:
     """Delete the temporary files beside `path` (`<name>.<pid>.<random><suffix>`, as
-    _new_file_replacing names them) whose process is gone, killed while writing. Those of live
+    new_file_replacing names them) whose process is gone, killed while writing. Those of live
     processes stay: they may be writing right now. This process's own go too if `this_process`: for
     a caller that has just written `path` and is its only writer here, such a file is what an
     interrupt left of an earlier write (one that struck between the file's creation and the cleanup
@@ -100,7 +100,7 @@ def remove_dead_temp_files(path: str | os.PathLike, suffix: str, this_process: b
 
 
 @contextlib.contextmanager
-def _new_file_replacing(path: Path, suffix: str):
+def new_file_replacing(path: Path, suffix: str):
     """Yield (file, its path): a new file beside `path`. When the block ends without an error, the
     file is flushed, fsynced, given ordinary permissions and renamed over `path`; on any error it is
     removed. So a crash leaves either the old file or the new one, never half of one.
@@ -135,7 +135,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     A full disk raises DiskFullError saying that the file was left as it was."""
     path = Path(path)
     try:
-        with _new_file_replacing(path, suffix=".tmp") as (f, _):
+        with new_file_replacing(path, suffix=".tmp") as (f, _):
             f.write(data)
     except OSError as exc:
         if exc.errno not in DISK_FULL_ERRNOS or isinstance(exc, DiskFullError):
