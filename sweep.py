@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         kind = parse_bool if isinstance(default, bool) else type(default)
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=f"default {default!r}")
     p.add_argument("--also-ema", type=float, nargs="*", default=[], metavar="DECAY",
-                   help="more EMA generators of the same run, with these decays, scored at the end")
+                   help="more EMA generators of the same run, with these decays, scored every epoch and at the end")
     p.add_argument("--final-samples", type=int, default=10000, help="0 skips the final scores")
     p.add_argument("--score-at", type=int, nargs="*", default=[], metavar="EPOCH",
                    help="also give the final scores (on --final-samples) after these epochs")
@@ -133,6 +133,12 @@ def main(argv=None) -> dict:
           flush=True)
     step_fn = gs.step_runner(nb, parts, s, (a.batch_size, *data.train_x.shape[1:]), device, a.cuda_graphs)
 
+    def quick_scores_of(generator, recalibrate=False):  # the notebook's per-epoch scores: 2,000 fixed latents
+        if recalibrate:
+            nb["recalibrate_batchnorm"](generator, a.latent_dim, seed=a.seed)
+        quick = gm.quick_scores(classifier, gu.generate_images(generator, 2000, a.latent_dim, seed=a.seed + 1), ref)
+        return {"score": quick["score"], "fd": quick["fd"]}
+
     def final_scores_of(generator):  # the same 10,000 latents whenever and whichever generator is scored
         return final_scores(classifier, gu.generate_images(generator, a.final_samples, a.latent_dim, seed=a.seed + 4), ref)
 
@@ -153,8 +159,11 @@ def main(argv=None) -> dict:
         clock.stop()
         if sampler is parts["G_ema"]:
             nb["recalibrate_batchnorm"](sampler, a.latent_dim, seed=a.seed)
-        quick = gm.quick_scores(classifier, gu.generate_images(sampler, 2000, a.latent_dim, seed=a.seed + 1), ref)
+        quick = quick_scores_of(sampler)
         rows.append({"epoch": epoch + 1, "train_seconds": clock.elapsed(), "score": quick["score"], "fd": quick["fd"]})
+        if also_ema:  # the other averages on the same latents: which decay reaches a score sooner
+            rows[-1]["also_ema"] = {str(decay): quick_scores_of(averaged, recalibrate=True)
+                                    for decay, averaged in also_ema.items()}
         if epoch + 1 in a.score_at and a.final_samples:  # one run gives, e.g., 60 and 80 epochs
             rows[-1]["final"] = final_scores_of(sampler)
         print(json.dumps(rows[-1]), flush=True)
