@@ -133,8 +133,8 @@ def main(argv=None) -> dict:
           flush=True)
     step_fn = gs.step_runner(nb, parts, s, (a.batch_size, *data.train_x.shape[1:]), device, a.cuda_graphs)
 
-    def quick_scores_of(generator, recalibrate=False):  # the notebook's per-epoch scores: 2,000 fixed latents
-        if recalibrate:
+    def quick_scores_of(generator, recalibrate):  # the notebook's per-epoch scores: 2,000 fixed latents
+        if recalibrate:  # an average's BatchNorm statistics, recomputed for its weights as the notebook does
             nb["recalibrate_batchnorm"](generator, a.latent_dim, seed=a.seed)
         quick = gm.quick_scores(classifier, gu.generate_images(generator, 2000, a.latent_dim, seed=a.seed + 1), ref)
         return {"score": quick["score"], "fd": quick["fd"]}
@@ -157,9 +157,7 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the epoch's kernels have finished: its time is all counted
         clock.stop()
-        if sampler is parts["G_ema"]:
-            nb["recalibrate_batchnorm"](sampler, a.latent_dim, seed=a.seed)
-        quick = quick_scores_of(sampler)
+        quick = quick_scores_of(sampler, recalibrate=sampler is parts["G_ema"])
         rows.append({"epoch": epoch + 1, "train_seconds": clock.elapsed(), "score": quick["score"], "fd": quick["fd"]})
         if also_ema:  # the other averages on the same latents: which decay reaches a score sooner
             rows[-1]["also_ema"] = {str(decay): quick_scores_of(averaged, recalibrate=True)
