@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import papermill
-import pytest
 
 import gan_utils as gu
 import run_safety
