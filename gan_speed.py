@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from run_safety import ARCHITECTURE_BEFORE_SETTING
+from run_safety import built_with
 
 # ONEDNN_MAX_CPU_ISA values that leave AMX available (oneDNN's names; anything else caps below it).
 _ISA_WITH_AMX = ("ALL", "DEFAULT")
@@ -89,8 +89,7 @@ def resolve_d_hidden(d_hidden, device: torch.device, model_config: dict | None =
     if d_hidden != "auto":
         return list(d_hidden), "as set"
     if model_config is not None:  # its widths are resolved: configs hold what the networks were built with
-        return (list(model_config.get("d_hidden", ARCHITECTURE_BEFORE_SETTING["d_hidden"])),
-                "auto: the widths of the networks being continued")
+        return list(built_with(model_config, "d_hidden")), "auto: the widths of the networks being continued"
     device = torch.device(device)
     widths, why = {"gpu": (D_HIDDEN_WIDE, f"a {device.type} device, where a step is bound by kernel launches, not FLOPs"),
                    "amx": (D_HIDDEN_WIDE, "this CPU has AMX, where narrower layers save little time"),

@@ -511,6 +511,14 @@ ARCHITECTURE_KEYS = ("latent_dim", "g_hidden", "d_hidden", "g_batchnorm")
 ARCHITECTURE_BEFORE_SETTING = {"g_hidden": [256, 512, 1024], "d_hidden": [1024, 512, 256]}
 
 
+def built_with(model_config: dict, key: str):
+    """The value of architecture setting `key` that the networks of `model_config` (a checkpoint's
+    config, or the models built in this kernel) have: widths as a list; the old fixed shapes where the
+    config predates the setting."""
+    value = model_config.get(key, ARCHITECTURE_BEFORE_SETTING.get(key))
+    return list(value) if isinstance(value, tuple) else value
+
+
 class CheckpointError(RuntimeError):
     """A file is not a checkpoint of this project, or does not fit the notebook's settings."""
 
@@ -590,16 +598,12 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", required_keys=C
 
 def check_checkpoint_fits(checkpoint_config: dict, config: dict, keys=ARCHITECTURE_KEYS) -> None:
     """Raise CheckpointError listing every architecture setting where checkpoint and notebook differ."""
-    def saved(k):  # lists and tuples of widths compare equal; an older checkpoint has the old shapes
-        value = checkpoint_config.get(k, ARCHITECTURE_BEFORE_SETTING.get(k))
-        return list(value) if isinstance(value, tuple) else value
-
-    def wanted(k):
+    def wanted(k):  # lists and tuples of widths compare equal
         return list(config[k]) if isinstance(config.get(k), tuple) else config.get(k)
 
-    diffs = [f"{k}: checkpoint has {saved(k)!r}, notebook has {wanted(k)!r}"
+    diffs = [f"{k}: checkpoint has {built_with(checkpoint_config, k)!r}, notebook has {wanted(k)!r}"
              + (" (the checkpoint predates this setting)" if k not in checkpoint_config else "")
-             for k in keys if saved(k) != wanted(k)]
+             for k in keys if built_with(checkpoint_config, k) != wanted(k)]
     if diffs:
         raise CheckpointError("the checkpoint does not fit the notebook's settings:\n  - "
                               + "\n  - ".join(diffs)
