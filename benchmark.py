@@ -7,7 +7,8 @@ Measures, in one process on one machine:
   (b) a naive reference pipeline, written the way typical GAN repos train: torchvision's MNIST
       Dataset with ToTensor + Normalize, a shuffling DataLoader, Sigmoid + BCELoss, a fresh noise
       batch (second G forward) for the generator step, default Adam, `.item()` every step;
-  (c) the fp32 matrix-multiply peak (GFLOP/s) of this machine, measured on the spot;
+  (c) the fp32 matrix-multiply peak (GFLOP/s) of this machine, measured on the spot, and how much
+      how much faster its largest layers train with bfloat16 matmuls (what `"auto"` decides on);
   (d) a short training run of the notebook's recipe: minutes of training to a score of 9.
 It prints images/s for (a) and (b), their ratio, (a)'s FLOP rate as a share of (c) and peak memory,
 and writes the figures as JSON.
@@ -60,6 +61,55 @@ def matmul_peak_gflops(device: torch.device, sizes=(1024, 2048, 3072), seconds: 
         synchronize(device)
         best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - started) / 1e9)
     return best
+
+
+def step_layers(cfg: dict) -> list[tuple[int, int, int]]:
+    """(rows, inputs, outputs) of the step's largest layers: D's first two on a batch of real and fake
+    images, and G's output layer."""
+    bs, d, g_last = cfg["batch_size"], cfg["d_hidden"], cfg["g_hidden"][-1]
+    return [(2 * bs, 784, d[0]), (2 * bs, d[0], d[1]), (bs, g_last, 784)]
+
+
+def bfloat16_speedup(device: torch.device, layers: list[tuple[int, int, int]], rounds: int = 5,
+                     reps: int = 10) -> float:
+    """How many times faster these linear layers train (forward, and the backward to input and weight,
+    as in the step) at `matmul_precision = "medium"` (bfloat16 products on a CPU, TF32 or bfloat16 on
+    a GPU) than in plain float32: the best time of each over `rounds` alternating rounds (the best is
+    what the hardware can do; the rest is other load), summed over the layers."""
+    best = {"highest": [float("inf")] * len(layers), "medium": [float("inf")] * len(layers)}
+    tensors = [(torch.randn(rows, n_in, device=device, requires_grad=True),
+                torch.randn(n_out, n_in, device=device, requires_grad=True),
+                torch.randn(rows, n_out, device=device)) for rows, n_in, n_out in layers]
+
+    def train_layer(x, w, grad_out):
+        return torch.autograd.grad(nn.functional.linear(x, w), (x, w), grad_out)
+
+    for _ in range(rounds):
+        for precision, times in best.items():
+            with gu.float32_matmul_precision(precision):
+                for i, layer in enumerate(tensors):
+                    train_layer(*layer)  # warm-up: kernel selection, weight reorders at this precision
+                    synchronize(device)
+                    started = time.perf_counter()
+                    for _ in range(reps):
+                        train_layer(*layer)
+                    synchronize(device)
+                    times[i] = min(times[i], (time.perf_counter() - started) / reps)
+    return sum(best["highest"]) / sum(best["medium"])
+
+
+def precision_advice(precision: str, reason: str, speedup: float) -> str:
+    """A line for the report when the measured bfloat16 speed-up disagrees with what "auto" chose
+    (the choice goes by what the CPU reports, measured on two kinds of CPU only), else ""."""
+    if not reason.startswith("auto"):
+        return ""
+    if precision == "highest" and speedup >= 1.1:
+        return (f"  note: \"medium\" (bfloat16) matmuls ran {speedup:.2f}x as fast as float32 here, but \"auto\" chose float32: "
+                f"time --matmul-precision medium (the notebook: matmul_precision = \"medium\") and tell us\n")
+    if precision != "highest" and speedup < 1.0:
+        return (f"  note: \"medium\" matmuls ran only {speedup:.2f}x as fast as float32 here, but \"auto\" chose "
+                f"{precision}: time --matmul-precision highest and tell us\n")
+    return ""
 
 
 class CountFlops(TorchDispatchMode):
@@ -348,12 +398,13 @@ def main(argv=None) -> dict:
         peak_at_precision = matmul_peak_gflops(device) if reduced else peak
         ours = time_notebook_step(nb, cfg, data.train_x, args.seconds, args.profile, args.cuda_graphs)
     naive = time_naive_pipeline(nb, cfg, args.data_dir, device, args.seconds, args.num_workers)
+    speedup = bfloat16_speedup(device, step_layers(cfg))
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "batch_size": cfg["batch_size"], "r1_gamma": cfg["r1_gamma"],
         "g_hidden": cfg["g_hidden"], "d_hidden": cfg["d_hidden"], "d_hidden_reason": d_hidden_reason,
         "matmul_precision": cfg["matmul_precision"], "matmul_precision_reason": precision_reason,
         "cuda_graphs": args.cuda_graphs and device.type == "cuda",
-        "matmul_peak_gflops": peak,
+        "matmul_peak_gflops": peak, "medium_precision_speedup": speedup,
         "notebook_step": ours, "naive_pipeline": naive,
         "speedup_vs_naive": ours["images_per_s"] / naive["images_per_s"],
         "share_of_matmul_peak": ours["gflops"] / peak,
@@ -380,6 +431,8 @@ def main(argv=None) -> dict:
     print(f"device {device}, {torch.get_num_threads()} threads, batch size {cfg['batch_size']}, r1_gamma {cfg['r1_gamma']}"
           f", D hidden {cfg['d_hidden']} ({d_hidden_reason}), G hidden {cfg['g_hidden']}, matmul precision {cfg['matmul_precision']} ({precision_reason})\n"
           f"  matmul peak (fp32)        {peak:8.1f} GFLOP/s\n"
+          f"  \"medium\" matmuls         {speedup:8.2f}x as fast as fp32 at the step's layers (bfloat16 on a CPU)\n"
+          + precision_advice(cfg["matmul_precision"], precision_reason, speedup) +
           f"  (a) notebook step         {ours['images_per_s']:8.0f} images/s  "
           f"({ours['gflops']:.1f} GFLOP/s = {result['share_of_matmul_peak']:.0%} of peak, "
           f"{ours['flops_per_image'] / 1e6:.1f} MFLOP/image, one epoch of 50,000 in {result['epoch_seconds_50k']:.1f} s)\n"

@@ -113,7 +113,7 @@ def test_benchmark_writes_its_figures(tmp_path, data_dir):
                              "--score-epochs", "0", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["batch_size"] == 64
-    for key in ("matmul_peak_gflops", "speedup_vs_naive", "share_of_matmul_peak", "peak_rss_mb"):
+    for key in ("matmul_peak_gflops", "medium_precision_speedup", "speedup_vs_naive", "share_of_matmul_peak", "peak_rss_mb"):
         assert saved[key] > 0
     assert saved["notebook_step"]["images_per_s"] > 0 and saved["naive_pipeline"]["images_per_s"] > 0
     # The FLOP count matches the networks' matmuls, counted by hand from the layer shapes, plus a
@@ -123,6 +123,42 @@ def test_benchmark_writes_its_figures(tmp_path, data_dir):
     assert plain + 3.4 * d_forward / 4 < saved["notebook_step"]["flops_per_image"] < plain + 8.6 * d_forward / 4
     assert result["speedup_vs_naive"] == pytest.approx(
         result["notebook_step"]["images_per_s"] / result["naive_pipeline"]["images_per_s"])
+
+
+def test_bfloat16_speedup_times_the_steps_largest_layers_at_both_precisions(monkeypatch):
+    import benchmark
+
+    cfg = {"batch_size": 4, "d_hidden": [12, 6], "g_hidden": [8, 16]}
+    assert benchmark.step_layers(cfg) == [(8, 784, 12), (8, 12, 6), (4, 16, 784)]
+    seen = []
+    real_precision = gu.float32_matmul_precision
+
+    def recording(precision):
+        seen.append(precision)
+        return real_precision(precision)
+
+    monkeypatch.setattr(benchmark.gu, "float32_matmul_precision", recording)
+    speedup = benchmark.bfloat16_speedup(torch.device("cpu"), benchmark.step_layers(cfg), rounds=2, reps=2)
+    assert speedup > 0
+    assert seen == ["highest", "medium"] * 2  # alternating rounds, so that other load hits both alike
+    assert torch.get_float32_matmul_precision() == "highest"  # restored afterwards
+
+
+@pytest.mark.parametrize("precision, reason, speedup, advice", [
+    ("highest", "auto: this CPU has no AMX", 1.16, "medium"),   # "auto" chose float32, bfloat16 is faster
+    ("highest", "auto: this CPU has no AMX", 1.05, None),       # within the noise of equal
+    ("medium", "auto: this CPU has AMX", 0.9, "highest"),       # "auto" chose bfloat16, which is slower
+    ("medium", "auto: this CPU has AMX", 2.3, None),
+    ("highest", "as set", 2.3, None),                           # set by hand: the user's choice stands
+])
+def test_precision_advice_speaks_only_when_the_measurement_disagrees_with_auto(precision, reason, speedup, advice):
+    import benchmark
+
+    line = benchmark.precision_advice(precision, reason, speedup)
+    if advice is None:
+        assert line == ""
+    else:
+        assert f"--matmul-precision {advice}" in line and f"{speedup:.2f}x" in line
 
 
 def test_benchmark_without_r1_counts_the_plain_step_and_profiles_it(tmp_path, data_dir):
