@@ -8,7 +8,7 @@ Measures, in one process on one machine:
       Dataset with ToTensor + Normalize, a shuffling DataLoader, Sigmoid + BCELoss, a fresh noise
       batch (second G forward) for the generator step, default Adam, `.item()` every step;
   (c) the fp32 matrix-multiply peak (GFLOP/s) of this machine, measured on the spot, and how much
-      how much faster its largest layers train with bfloat16 matmuls (what `"auto"` decides on);
+      faster its largest layers train with bfloat16 matmuls (what `"auto"` decides on);
   (d) a short training run of the notebook's recipe: minutes of training to a score of 9.
 It prints images/s for (a) and (b), their ratio, (a)'s FLOP rate as a share of (c) and peak memory,
 and writes the figures as JSON.
@@ -70,7 +70,7 @@ def step_layers(cfg: dict) -> list[tuple[int, int, int]]:
     return [(2 * bs, 784, d[0]), (2 * bs, d[0], d[1]), (bs, g_last, 784)]
 
 
-def bfloat16_speedup(device: torch.device, layers: list[tuple[int, int, int]], rounds: int = 5,
+def medium_precision_speedup(device: torch.device, layers: list[tuple[int, int, int]], rounds: int = 5,
                      reps: int = 10) -> float:
     """How many times faster these linear layers train (forward, and the backward to input and weight,
     as in the step) at `matmul_precision = "medium"` (bfloat16 products on a CPU, TF32 or bfloat16 on
@@ -398,7 +398,7 @@ def main(argv=None) -> dict:
         peak_at_precision = matmul_peak_gflops(device) if reduced else peak
         ours = time_notebook_step(nb, cfg, data.train_x, args.seconds, args.profile, args.cuda_graphs)
     naive = time_naive_pipeline(nb, cfg, args.data_dir, device, args.seconds, args.num_workers)
-    speedup = bfloat16_speedup(device, step_layers(cfg))
+    speedup = medium_precision_speedup(device, step_layers(cfg))
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "batch_size": cfg["batch_size"], "r1_gamma": cfg["r1_gamma"],
         "g_hidden": cfg["g_hidden"], "d_hidden": cfg["d_hidden"], "d_hidden_reason": d_hidden_reason,

@@ -125,7 +125,7 @@ def test_benchmark_writes_its_figures(tmp_path, data_dir):
         result["notebook_step"]["images_per_s"] / result["naive_pipeline"]["images_per_s"])
 
 
-def test_bfloat16_speedup_times_the_steps_largest_layers_at_both_precisions(monkeypatch):
+def test_medium_precision_speedup_times_the_steps_largest_layers_at_both_precisions(monkeypatch):
     import benchmark
 
     cfg = {"batch_size": 4, "d_hidden": [12, 6], "g_hidden": [8, 16]}
@@ -138,7 +138,7 @@ def test_bfloat16_speedup_times_the_steps_largest_layers_at_both_precisions(monk
         return real_precision(precision)
 
     monkeypatch.setattr(benchmark.gu, "float32_matmul_precision", recording)
-    speedup = benchmark.bfloat16_speedup(torch.device("cpu"), benchmark.step_layers(cfg), rounds=2, reps=2)
+    speedup = benchmark.medium_precision_speedup(torch.device("cpu"), benchmark.step_layers(cfg), rounds=2, reps=2)
     assert speedup > 0
     assert seen == ["highest", "medium"] * 2  # alternating rounds, so that other load hits both alike
     assert torch.get_float32_matmul_precision() == "highest"  # restored afterwards
