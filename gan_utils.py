@@ -125,6 +125,7 @@ PARAMETER_RULES = {
     "lr_g": (_positive_number, "a number > 0"),
     "lr_d": (_positive_number, "a number > 0"),
     "beta1": (_unit_interval_open, "a number in [0, 1)"),
+    "beta2": (_unit_interval_open, "a number in [0, 1)"),
     "ema_decay": (_unit_interval_open, "a number in [0, 1); 0 turns the EMA off"),
     "checkpoint_every": (_positive_int, "an integer >= 1 (epochs)"),
     "resume": (_is_str, "'' or the path of a checkpoint.pt"),
@@ -158,20 +159,30 @@ RETIRED_PARAMETERS = {
     "compile": "torch.compile trained slower than eager, on our CPU and on an H100 (docs/experiments.md)",
     "beta1_g": "one beta1 now sets both networks' Adam beta1",
     "beta1_d": "one beta1 now sets both networks' Adam beta1",
-    "beta2_g": "Adam's beta2 is fixed at 0.999 (0.99 changed little; docs/experiments.md)",
-    "beta2_d": "Adam's beta2 is fixed at 0.999 (0.99 changed little; docs/experiments.md)",
+    "beta2_g": "one beta2 now sets both networks' Adam beta2",
+    "beta2_d": "one beta2 now sets both networks' Adam beta2",
 }
+
+# Settings added later, with the value that training had before them: a checkpoint that predates one
+# trained with that value (retired_settings() says when it continues with another).
+VALUE_BEFORE_SETTING = {"beta2": 0.999}
 
 
 def retired_settings(checkpoint_config: dict, config: dict) -> list[str]:
-    """Notes for resuming a checkpoint made before some parameters were retired: one for each retired
-    setting it recorded with a value other than what training now does."""
+    """Notes for resuming a checkpoint made before some parameters were retired or added: one for each
+    retired setting it recorded with a value other than what training now does, and one for each later
+    setting whose value now differs from the one it trained with."""
     now = {"amp": False, "compile": False, "beta1_g": config["beta1"], "beta1_d": config["beta1"],
-           "beta2_g": 0.999, "beta2_d": 0.999}
-    return [f"note: this checkpoint was trained with {name} = {checkpoint_config[name]!r}, a setting that "
-            f"no longer exists ({why}); training continues with {now[name]!r}."
-            for name, why in RETIRED_PARAMETERS.items()
-            if name in checkpoint_config and checkpoint_config[name] != now[name]]
+           "beta2_g": config["beta2"], "beta2_d": config["beta2"]}
+    notes = [f"note: this checkpoint was trained with {name} = {checkpoint_config[name]!r}, a setting that "
+             f"no longer exists ({why}); training continues with {now[name]!r}."
+             for name, why in RETIRED_PARAMETERS.items()
+             if name in checkpoint_config and checkpoint_config[name] != now[name]]
+    notes += [f"note: this checkpoint predates the {name} setting and was trained with {name} = {before!r}; "
+              f"training continues with {name} = {config[name]!r} (set {name} = {before!r} to keep it as it was)."
+              for name, before in VALUE_BEFORE_SETTING.items()
+              if name not in checkpoint_config and config[name] != before]
+    return notes
 
 
 def parameters_from(namespace: dict, rules: dict = PARAMETER_RULES) -> dict:

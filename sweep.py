@@ -36,7 +36,7 @@ from mnist_classifier import load_classifier
 
 NOTEBOOK = Path(__file__).with_name("Vanilla_GAN.ipynb")
 # The notebook parameters a sweep may change (the others are about files, logging and evaluation).
-RECIPE_PARAMETERS = ("seed", "train_subset", "batch_size", "d_steps", "lr_g", "lr_d", "beta1", "g_loss",
+RECIPE_PARAMETERS = ("seed", "train_subset", "batch_size", "d_steps", "lr_g", "lr_d", "beta1", "beta2", "g_loss",
                      "label_smoothing", "r1_gamma", "r1_every", "ema_decay", "latent_dim", "g_hidden", "d_hidden",
                      "g_batchnorm", "d_dropout", "matmul_precision")
 

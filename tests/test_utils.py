@@ -75,6 +75,7 @@ def test_parameters_from_names_a_missing_parameter(defaults):
     ("d_dropout", 1.0, "a number in [0, 1)"),
     ("label_smoothing", 0.5, "a number in [0, 0.5)"),
     ("beta1", 1.0, "a number in [0, 1)"),
+    ("beta2", 1.0, "a number in [0, 1)"),
     ("ema_decay", -0.1, "a number in [0, 1)"),
     ("r1_gamma", -1.0, "a number >= 0"),
     ("r1_gamma", float("nan"), "a number >= 0"),
@@ -114,12 +115,19 @@ def test_retired_parameter_says_why_it_went(defaults, name):
 
 def test_retired_settings_of_an_old_checkpoint(defaults):
     old = {**defaults, "amp": True, "compile": False, "beta1_g": 0.5, "beta1_d": 0.9, "beta2_g": 0.999, "beta2_d": 0.99}
-    notes = gu.retired_settings(old, defaults)  # defaults: beta1 = 0.5
+    notes = gu.retired_settings(old, defaults)  # defaults: beta1 = 0.5, beta2 = 0.999
     assert len(notes) == 3  # amp, beta1_d and beta2_d differ from what training now does
     assert "amp = True" in notes[0] and "continues with False" in notes[0]
     assert any("beta1_d = 0.9" in n and "continues with 0.5" in n for n in notes)
     assert any("beta2_d = 0.99" in n and "continues with 0.999" in n for n in notes)
     assert gu.retired_settings(defaults, defaults) == []  # a checkpoint of this version
+
+
+def test_a_checkpoint_from_before_the_beta2_setting_is_told_what_it_trained_with(defaults):
+    old = {k: v for k, v in defaults.items() if k != "beta2"}  # Adam's beta2 was a fixed 0.999 then
+    assert gu.retired_settings(old, defaults) == []  # continuing as it trained (the default): nothing to say
+    (note,) = gu.retired_settings(old, {**defaults, "beta2": 0.99})
+    assert "predates the beta2 setting" in note and "beta2 = 0.999" in note and "continues with beta2 = 0.99" in note
 
 
 def test_unknown_parameter_without_close_match(defaults):
@@ -784,8 +792,10 @@ def test_train_step_is_the_update_then_r1_then_ema(nb):
 
 
 def test_build_training_parts_uses_the_settings(nb):
-    parts, s = recipe(nb, beta1=0.3, lr_d=1e-3, g_batchnorm=False, d_dropout=0.2)
-    assert parts["opt_D"].param_groups[0]["betas"] == (0.3, 0.999) and parts["opt_D"].param_groups[0]["lr"] == 1e-3
+    parts, s = recipe(nb, beta1=0.3, beta2=0.95, lr_d=1e-3, g_batchnorm=False, d_dropout=0.2)
+    for opt in (parts["opt_G"], parts["opt_D"]):
+        assert opt.param_groups[0]["betas"] == (0.3, 0.95)
+    assert parts["opt_D"].param_groups[0]["lr"] == 1e-3
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in parts["G"].modules())
     assert not parts["G_ema"].training and not any(p.requires_grad for p in parts["G_ema"].parameters())
     assert all(torch.equal(p, q) for p, q in zip(parts["G"].parameters(), parts["G_ema"].parameters()))
