@@ -98,10 +98,11 @@ def medium_precision_speedup(device: torch.device, layers: list[tuple[int, int, 
     return sum(best["highest"]) / sum(best["medium"])
 
 
-def precision_advice(precision: str, reason: str, speedup: float) -> str:
-    """A line for the report when the measured bfloat16 speed-up disagrees with what "auto" chose
-    (the choice goes by what the CPU reports, measured on two kinds of CPU only), else ""."""
-    if not reason.startswith("auto"):
+def precision_advice(setting: str, precision: str, speedup: float) -> str:
+    """A line for the report when the measured bfloat16 speed-up disagrees with the `precision` that
+    `setting` "auto" chose (the choice goes by what the CPU reports, measured on two kinds of CPU
+    only), else "". A precision set by hand is the user's choice: nothing to say."""
+    if setting != "auto":
         return ""
     if precision == "highest" and speedup >= 1.1:
         return (f"  note: \"medium\" (bfloat16) matmuls ran {speedup:.2f}x as fast as float32 here, but \"auto\" chose float32: "
@@ -387,7 +388,8 @@ def main(argv=None) -> dict:
         if getattr(args, name):
             cfg[name] = getattr(args, name)
     device = gu.pick_device(args.device)
-    cfg["matmul_precision"], precision_reason = gs.resolve_matmul_precision(cfg["matmul_precision"], device)
+    precision_setting = cfg["matmul_precision"]
+    cfg["matmul_precision"], precision_reason = gs.resolve_matmul_precision(precision_setting, device)
     cfg["d_hidden"], d_hidden_reason = gs.resolve_d_hidden(cfg["d_hidden"], device)
     nb = gu.load_notebook_definitions(NOTEBOOK)
     data = mnist_data.load_mnist(args.data_dir, device=device, download=True)
@@ -432,7 +434,7 @@ def main(argv=None) -> dict:
           f", D hidden {cfg['d_hidden']} ({d_hidden_reason}), G hidden {cfg['g_hidden']}, matmul precision {cfg['matmul_precision']} ({precision_reason})\n"
           f"  matmul peak (fp32)        {peak:8.1f} GFLOP/s\n"
           f"  \"medium\" matmuls         {speedup:8.2f}x as fast as fp32 at the step's layers (bfloat16 on a CPU)\n"
-          + precision_advice(cfg["matmul_precision"], precision_reason, speedup) +
+          + precision_advice(precision_setting, cfg["matmul_precision"], speedup) +
           f"  (a) notebook step         {ours['images_per_s']:8.0f} images/s  "
           f"({ours['gflops']:.1f} GFLOP/s = {result['share_of_matmul_peak']:.0%} of peak, "
           f"{ours['flops_per_image'] / 1e6:.1f} MFLOP/image, one epoch of 50,000 in {result['epoch_seconds_50k']:.1f} s)\n"
