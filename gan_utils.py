@@ -168,6 +168,13 @@ RETIRED_PARAMETERS = {
 VALUE_BEFORE_SETTING = {"beta2": 0.999}
 
 
+def settings_changed(checkpoint_config: dict, config: dict) -> dict:
+    """{name: (value in the checkpoint, value now)} for each setting that differs; a setting added
+    after the checkpoint was made counts with the value it trained with (VALUE_BEFORE_SETTING)."""
+    saved = {**VALUE_BEFORE_SETTING, **checkpoint_config}
+    return {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
+
+
 def retired_settings(checkpoint_config: dict, config: dict) -> list[str]:
     """Notes for resuming a checkpoint made before some parameters were retired or added: one for each
     retired setting it recorded with a value other than what training now does, and one for each later

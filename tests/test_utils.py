@@ -882,3 +882,10 @@ def test_generate_images_is_seeded_and_leaves_the_global_stream_alone(nb):
     b = gu.generate_images(G, 1500, 16, seed=7)
     assert a.shape == (1500, 784) and torch.equal(a, b) and not G.training
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_settings_changed_counts_a_later_setting_as_what_the_checkpoint_trained_with(defaults):
+    old = {k: v for k, v in defaults.items() if k != "beta2"}  # from before beta2 was a setting
+    assert gu.settings_changed(old, defaults) == {}  # it trained with 0.999, the default now
+    assert gu.settings_changed(old, {**defaults, "beta2": 0.99, "lr_d": 1e-3}) == {
+        "beta2": (0.999, 0.99), "lr_d": (defaults["lr_d"], 1e-3)}
