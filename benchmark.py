@@ -207,7 +207,10 @@ def time_naive_pipeline(nb: dict, cfg: dict, data_dir: str, device: torch.device
     """(b): the typical pipeline, same networks and batch size, for comparison."""
     from torchvision import datasets, transforms
 
-    dataset = datasets.MNIST(data_dir, train=True, download=False, transform=transforms.Compose(
+    # download=True, as typical repos have it: where mnist_data fetched only the .gz files, torchvision
+    # finds them, checks their md5 and unpacks them beside (no network); with download=False it would
+    # refuse a directory that the notebook itself reads.
+    dataset = datasets.MNIST(data_dir, train=True, download=True, transform=transforms.Compose(
         [transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))]))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=True,
                                          drop_last=True, num_workers=num_workers)

@@ -125,6 +125,18 @@ def test_benchmark_writes_its_figures(tmp_path, data_dir):
         result["notebook_step"]["images_per_s"] / result["naive_pipeline"]["images_per_s"])
 
 
+def test_naive_pipeline_reads_a_directory_with_only_the_downloaded_gz_files(nb, make_mnist_copy):
+    # mnist_data downloads only the .gz files; torchvision's MNIST(download=False) would call that
+    # directory empty, so benchmark.py failed after `make run` on a fresh machine.
+    import benchmark
+
+    root = make_mnist_copy(plain=False, gz=True)
+    cfg = {**gu.notebook_defaults(NOTEBOOK), "batch_size": 32, "d_hidden": [64, 32], "g_hidden": [32, 64]}
+    result = benchmark.time_naive_pipeline(nb, cfg, str(root), torch.device("cpu"), seconds=0.1, num_workers=0)
+    assert result["images"] >= 32 and result["images_per_s"] > 0
+    assert (root / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()  # unpacked beside, as torchvision does
+
+
 def test_medium_precision_speedup_times_the_steps_largest_layers_at_both_precisions(monkeypatch):
     import benchmark
 
