@@ -298,17 +298,22 @@ def nothing_to_train_message(epochs: int, epochs_done: int) -> str | None:
     return (f"nothing to train: epochs ({epochs}) <= epochs done ({epochs_done}); raise epochs to continue")
 
 
+def _mps_available() -> bool:
+    """Apple's GPU backend (older PyTorch builds lack torch.backends.mps altogether)."""
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     """'auto' -> cuda if available, then mps, then cpu. A device that is not there is an error."""
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise ParameterError(f"device = {requested!r} but PyTorch sees no CUDA GPU here: use 'auto' or 'cpu'")
-    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if requested == "mps" and not _mps_available():
         raise ParameterError("device = 'mps' but MPS is not available here: use 'auto' or 'cpu'")
     return torch.device(requested)
 
@@ -322,18 +327,24 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """PyTorch's generator states (CPU and every CUDA device), as tensors a checkpoint can hold."""
+    """PyTorch's generator states (CPU, every CUDA device, Apple's MPS), as tensors a checkpoint can
+    hold: the noise a run draws on a GPU comes from that GPU's generator."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if _mps_available():
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what rng_state() returned."""
-    torch.set_rng_state(state["cpu"])
+    """Restore what rng_state() returned. The states go back through the CPU: a checkpoint loaded
+    with map_location=<the GPU> holds them on the GPU, where torch.set_rng_state refuses them."""
+    torch.set_rng_state(state["cpu"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if "mps" in state and _mps_available():
+        torch.mps.set_rng_state(state["mps"].cpu())
 
 
 def library_versions() -> dict:

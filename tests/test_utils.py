@@ -226,6 +226,30 @@ def test_rng_state_round_trip(tmp_path):
     assert torch.equal(torch.randn(10), a)
 
 
+class _OnTheGpu:
+    """Stands in for a state tensor that load_checkpoint(map_location=<GPU>) put on the GPU, which
+    torch.set_rng_state refuses: only .cpu() gives the tensor back."""
+
+    def __init__(self, tensor):
+        self._tensor = tensor
+
+    def cpu(self):
+        return self._tensor
+
+
+def test_rng_state_of_a_checkpoint_loaded_onto_the_gpu_is_restored(monkeypatch):
+    torch.manual_seed(5)
+    state = gu.rng_state()
+    a = torch.randn(10)
+    cuda_state = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.update(cuda=states))
+    gu.set_rng_state({"cpu": _OnTheGpu(state["cpu"]), "cuda": [_OnTheGpu(cuda_state)]})
+    assert torch.equal(torch.randn(10), a)
+    assert restored["cuda"] == [cuda_state]
+
+
 # ------------------------------------------------------------------------------------------------
 # Checkpoints
 # ------------------------------------------------------------------------------------------------
