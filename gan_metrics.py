@@ -425,6 +425,16 @@ def inception_fid(samples: torch.Tensor, reference: torch.Tensor, batch_size: in
 # Results table
 # --------------------------------------------------------------------------------------------
 
+def time_to_quality(history: list[dict], levels=(7.0, 8.0, 9.0), key: str = "score") -> list[str]:
+    """One line per level: the epoch and training time at which the run first reached it."""
+    lines = []
+    for level in levels:
+        first = next((row for row in history if row.get(key, -math.inf) >= level), None)
+        lines.append(f"{key} >= {level}: " + (f"epoch {first['epoch']}, after {first['train_seconds'] / 60:.1f} "
+                                              "min of training" if first else "not reached"))
+    return lines
+
+
 def _pm(value, error, digits: int) -> str:
     return f"{value:.{digits}f} ± {error:.{digits}f}"
 

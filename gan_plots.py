@@ -69,16 +69,6 @@ def plot_quality(history: list[dict], path: str | os.PathLike, real_score: float
     return True
 
 
-def time_to_quality(history: list[dict], levels=(7.0, 8.0, 9.0), key: str = "score") -> list[str]:
-    """One line per level: the epoch and training time at which the run first reached it."""
-    lines = []
-    for level in levels:
-        first = next((row for row in history if row.get(key, -math.inf) >= level), None)
-        lines.append(f"{key} >= {level}: " + (f"epoch {first['epoch']}, after {first['train_seconds'] / 60:.1f} "
-                                              "min of training" if first else "not reached"))
-    return lines
-
-
 def show_side_by_side(left: torch.Tensor, right: torch.Tensor, titles, path: str | os.PathLike) -> None:
     """Two image grids next to each other (e.g. real test images and samples), saved and shown."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 5))

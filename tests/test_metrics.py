@@ -213,6 +213,18 @@ def test_results_table_lists_the_paper_and_our_rows():
     assert "| Partial | - | 5.00 | - |" in table and len(lines) == 2 + 4 + 2
 
 
+def test_time_to_quality_names_the_first_epoch_at_each_level():
+    history = [{"epoch": 1, "train_seconds": 30.0, "score": 7.5},
+               {"epoch": 2, "train_seconds": 60.0},  # an epoch without scores (metrics_every > 1)
+               {"epoch": 3, "train_seconds": 90.0, "score": 9.0},
+               {"epoch": 4, "train_seconds": 120.0, "score": 8.9}]
+    assert gm.time_to_quality(history, levels=(7.0, 9.0, 9.5)) == [
+        "score >= 7.0: epoch 1, after 0.5 min of training",
+        "score >= 9.0: epoch 3, after 1.5 min of training",  # reached exactly counts; the dip after does not matter
+        "score >= 9.5: not reached"]
+    assert gm.time_to_quality([], levels=(3.0,), key="fd") == ["fd >= 3.0: not reached"]
+
+
 # ------------------------------------------------------------------------------- the classifier
 
 def test_committed_classifier_is_accurate(classifier, splits):
