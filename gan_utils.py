@@ -545,8 +545,9 @@ def epoch_means(sums: torch.Tensor, steps: int) -> dict:
 
 
 def epoch_summary(row: dict) -> str:
-    """The line printed after each epoch: losses, D's outputs, the quick scores, training time."""
-    scores = f"  FD {row['fd']:.2f}  score {row['score']:.2f}" if "fd" in row else ""
+    """The line printed after each epoch: losses, D's outputs, the quick scores, training time. A
+    folder of images without the classifier's classes (faces, say) has an FD but no classifier score."""
+    scores = "".join(f"  {label} {row[key]:.2f}" for key, label in (("fd", "FD"), ("score", "score")) if key in row)
     return (f"epoch {int(row['epoch']):3d}  D loss {row['d_loss']:.3f}  G loss {row['g_loss']:.3f}  "
             f"D(x) {row['d_x']:.2f}  D(G(z)) {row['d_g_z']:.2f}{scores}  [{row['train_seconds']:.0f} s]")
 

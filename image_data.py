@@ -117,6 +117,26 @@ def check_enough_images(n: int, batch_size: int, what: str = "the training set")
         )
 
 
+def check_real_sets(n_reference: int, n_real: int, from_test_split: bool, final_evaluation: bool) -> None:
+    """Raise DataError when the real images the scores compare with are too few, before training
+    rather than at its end: the reference's covariance (the Frechet distance, every epoch) needs
+    gu.FD_MIN_SAMPLES images, and the final evaluation's precision and recall (k-nearest neighbours)
+    need gu.KNN_MIN_SAMPLES in the reference and as many real training images scored as samples."""
+    need = max(gu.FD_MIN_SAMPLES, gu.KNN_MIN_SAMPLES if final_evaluation else 0)
+    short = [f"{name}: {n:,}" for name, n, used in (("reference images", n_reference, True),
+                                                    ("real training images to score", n_real, final_evaluation))
+             if used and n < need]
+    if not short:
+        return
+    where = ("the folder's test/ split holds the reference images: add images to it (or remove test/, "
+             "and the last third of the training images are the reference)" if from_test_split else
+             f"without a test/ split the last third of the training images are the reference: use a "
+             f"folder of at least {3 * need} images")
+    raise DataError(f"too few real images for the scores ({', '.join(short)}), where each needs at least "
+                    f"{need}. {where[0].upper() + where[1:]}"
+                    + ("; or set eval_samples = 0 to skip the final evaluation." if final_evaluation else "."))
+
+
 # --------------------------------------------------------------------------------------------
 # Folders of images
 # --------------------------------------------------------------------------------------------

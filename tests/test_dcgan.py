@@ -121,6 +121,33 @@ def test_a_folder_too_small_for_a_batch_is_refused_before_anything_is_written(dc
     assert not run.run_dir.exists()
 
 
+def test_a_folder_too_small_for_the_final_scores_is_refused_before_training(dcgan_runs, tiny_cifar, tmp_path_factory):
+    """11 images, no test/ split: the last third (3) would be the reference, one short of what precision
+    and recall need. Refused with the way out before anything is written, not after training."""
+    folder = tmp_path_factory.mktemp("eleven")
+    for i, f in enumerate(sorted((tiny_cifar / "train").rglob("*.jpg"))[:11]):
+        shutil.copyfile(f, folder / f"{i:02d}.jpg")
+    run = dcgan_runs(dataset=str(folder), batch_size=2, epochs=1)
+    assert run.error is not None and "too few real images" in str(run.error) and "eval_samples = 0" in str(run.error)
+    assert not run.run_dir.exists()
+
+
+def test_a_flat_folder_without_classes_trains_and_is_scored_without_class_metrics(dcgan_runs, tiny_cifar,
+                                                                                  tmp_path_factory):
+    """The folder-of-faces case: images straight in the folder, no classes. FD, KID, precision and
+    recall every epoch and at the end; no classifier score or class shares (they would mean nothing)."""
+    folder = tmp_path_factory.mktemp("faces")
+    for i, f in enumerate(sorted((tiny_cifar / "train").rglob("*.jpg"))[:64]):
+        shutil.copyfile(f, folder / f"{i:02d}.jpg")  # class folders may repeat a file name
+    run = dcgan_runs(dataset=str(folder), batch_size=16, epochs=2, metrics_samples=32, eval_samples=32).check()
+    rows = metrics_rows(run.run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and all(math.isfinite(float(r["fd"])) for r in rows)
+    assert all("score" not in r for r in rows)
+    ours = json.loads((run.run_dir / "metrics.json").read_text())["results"]["DCGAN (this run)"]
+    assert ours["n_samples"] == 32 and math.isfinite(ours["fd"]) and 0 <= ours["recall"] <= 1
+    assert "score" not in ours and "min_share" not in ours
+
+
 def test_benchmark_times_the_notebooks_step_against_pytorch_examples(tiny_cifar, tmp_path):
     import benchmark
 

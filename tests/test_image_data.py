@@ -204,6 +204,17 @@ def test_too_few_images_for_a_batch():
     assert "the folder x has 10 images" in msg and "`batch_size`" in msg and "64" in msg
 
 
+def test_too_few_real_images_for_the_scores_are_refused_with_the_way_out():
+    idt.check_real_sets(4, 4, from_test_split=True, final_evaluation=True)
+    idt.check_real_sets(2, 0, from_test_split=False, final_evaluation=False)  # no final evaluation: FD only
+    with pytest.raises(DataError, match=r"\(reference images: 3\), where each needs at least 4\. .*test/ split.*eval_samples = 0"):
+        idt.check_real_sets(3, 10, from_test_split=True, final_evaluation=True)
+    with pytest.raises(DataError, match=r"reference images: 3, real training images to score: 3\).*at least 12 images"):
+        idt.check_real_sets(3, 3, from_test_split=False, final_evaluation=True)
+    with pytest.raises(DataError, match=r"\(reference images: 1\), where each needs at least 2\..*\.$"):
+        idt.check_real_sets(1, 0, from_test_split=True, final_evaluation=False)
+
+
 def test_image_size_is_checked(tmp_path):
     with pytest.raises(ValueError, match="image_size"):
         idt.load_image_folder(tmp_path, 4)

@@ -226,6 +226,14 @@ def test_rng_state_round_trip(tmp_path):
     assert torch.equal(torch.randn(10), a)
 
 
+def test_epoch_summary_with_and_without_the_classifier_score():
+    row = {"epoch": 3, "d_loss": 1.3, "g_loss": 0.8, "d_x": 0.53, "d_g_z": 0.47, "train_seconds": 27.4}
+    assert gu.epoch_summary(row) == "epoch   3  D loss 1.300  G loss 0.800  D(x) 0.53  D(G(z)) 0.47  [27 s]"
+    assert gu.epoch_summary({**row, "fd": 1.234, "score": 8.9}).endswith("FD 1.23  score 8.90  [27 s]")
+    # a folder of faces: Frechet distance on the classifier's features, but no classes to score
+    assert gu.epoch_summary({**row, "fd": 12.5}).endswith("0.47  FD 12.50  [27 s]")
+
+
 class _OnTheGpu:
     """Stands in for a state tensor that load_checkpoint(map_location=<GPU>) put on the GPU, which
     torch.set_rng_state refuses: only .cpu() gives the tensor back."""
