@@ -597,13 +597,21 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", required_keys=C
 
 
 def check_checkpoint_fits(checkpoint_config: dict, config: dict, keys=ARCHITECTURE_KEYS) -> None:
-    """Raise CheckpointError listing every architecture setting where checkpoint and notebook differ."""
+    """Raise CheckpointError listing every architecture setting where checkpoint and notebook differ,
+    and the moving average of G switched on or off."""
     def wanted(k):  # lists and tuples of widths compare equal
         return list(config[k]) if isinstance(config.get(k), tuple) else config.get(k)
 
     diffs = [f"{k}: checkpoint has {built_with(checkpoint_config, k)!r}, notebook has {wanted(k)!r}"
              + (" (the checkpoint predates this setting)" if k not in checkpoint_config else "")
              for k in keys if built_with(checkpoint_config, k) != wanted(k)]
+    # The moving average of G may change its decay, but not go on or off: switched on, it would start
+    # from weights it never averaged; switched off, it would stop while still drawing every picture.
+    was, now = checkpoint_config.get("ema_decay"), config.get("ema_decay")
+    if was is not None and now is not None and (was > 0) != (now > 0):
+        diffs.append(f"ema_decay: checkpoint has {was!r}, notebook has {now!r} (the moving average of G is "
+                     "switched on or off only in a new run; to look at G itself, draw from G, e.g. "
+                     "gu.generate_images(G, 64, latent_dim))")
     if diffs:
         raise CheckpointError("the checkpoint does not fit the notebook's settings:\n  - "
                               + "\n  - ".join(diffs)

@@ -402,6 +402,16 @@ def test_check_checkpoint_fits_lists_every_difference():
     assert "lr_g" not in msg and "g_hidden" not in msg
 
 
+def test_the_moving_average_of_g_may_change_its_decay_but_not_go_on_or_off():
+    saved = {"latent_dim": 100, "g_batchnorm": True, "g_hidden": [256, 512, 1024], "d_hidden": [512, 256],
+             "ema_decay": 0.999}
+    run_safety.check_checkpoint_fits(saved, {**saved, "ema_decay": 0.9995})
+    with pytest.raises(run_safety.CheckpointError, match=r"ema_decay: checkpoint has 0.999, notebook has 0 "):
+        run_safety.check_checkpoint_fits(saved, {**saved, "ema_decay": 0})
+    with pytest.raises(run_safety.CheckpointError, match=r"ema_decay: checkpoint has 0, notebook has 0.999 .*new run"):
+        run_safety.check_checkpoint_fits({**saved, "ema_decay": 0}, saved)
+
+
 def test_a_checkpoint_from_before_the_width_settings_has_the_old_shapes():
     # Made when D was fixed at 1024-512-256 (no g_hidden / d_hidden in its config): it resumes with
     # d_hidden set to that, and the message for the new default says what to set.
