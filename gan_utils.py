@@ -168,11 +168,15 @@ RETIRED_PARAMETERS = {
 VALUE_BEFORE_SETTING = {"beta2": 0.999}
 
 
+RUN_BOOKKEEPING = ("resume", "run_dir", "overwrite")  # where a run reads and writes, not how it trains
+
+
 def settings_changed(checkpoint_config: dict, config: dict) -> dict:
-    """{name: (value in the checkpoint, value now)} for each setting that differs; a setting added
-    after the checkpoint was made counts with the value it trained with (VALUE_BEFORE_SETTING)."""
+    """{name: (value in the checkpoint, value now)} for each setting that differs, besides where the
+    run reads and writes (RUN_BOOKKEEPING: a resume always changes them); a setting added after the
+    checkpoint was made counts with the value it trained with (VALUE_BEFORE_SETTING)."""
     saved = {**VALUE_BEFORE_SETTING, **checkpoint_config}
-    return {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
+    return {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v and k not in RUN_BOOKKEEPING}
 
 
 def retired_settings(checkpoint_config: dict, config: dict) -> list[str]:
@@ -263,8 +267,9 @@ def validate_against_data(config: dict, n_train: int) -> None:
         problems.append(f"batch_size = {bs} is larger than the training set, {data}: use a batch_size "
                         f"from {min_bs} to {n_train}, or more training images (train_subset = 0 for all)")
     elif bs < min_bs:
-        problems.append(f"batch_size = {bs} with g_batchnorm = True: BatchNorm needs at least 2 images "
-                        f"per batch; use a batch_size from 2 to {n_train}, or g_batchnorm = False")
+        switch = "g_batchnorm = True" if "g_batchnorm" in config else "G's BatchNorm"  # DCGAN's has no switch
+        problems.append(f"batch_size = {bs} with {switch}: BatchNorm needs at least 2 images per batch; use "
+                        f"a batch_size from 2 to {n_train}" + (", or g_batchnorm = False" if "g_batchnorm" in config else ""))
     if steps and config["d_steps"] > steps:
         problems.append(f"d_steps = {config['d_steps']} but an epoch has only {steps} steps ({n_train:,} "
                         f"images // batch_size {bs}): G is updated every d_steps steps and would never "

@@ -234,6 +234,15 @@ def test_each_conflict_names_the_parameter_and_the_range(changes, n_train, expec
     assert expected in data_problems(n_train, **changes)
 
 
+def test_a_batch_of_one_in_dcgan_names_no_switch_it_does_not_have():
+    dcgan = {k: v for k, v in GOOD.items() if k != "g_batchnorm"}  # DCGAN's G always has BatchNorm
+    with pytest.raises(gu.ParameterError) as info:
+        gu.validate_against_data({**dcgan, "batch_size": 1}, 512)
+    assert "batch_size = 1 with G's BatchNorm: BatchNorm needs at least 2 images per batch; use a " \
+           "batch_size from 2 to 512" in str(info.value)
+    assert "g_batchnorm" not in str(info.value)
+
+
 def test_all_conflicts_are_listed_at_once():
     msg = data_problems(d_steps=9, r1_every=16, metrics_samples=1, eval_samples=2)
     assert all(name in msg for name in ("d_steps", "r1_every", "metrics_samples", "eval_samples"))

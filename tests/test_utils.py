@@ -931,3 +931,6 @@ def test_settings_changed_counts_a_later_setting_as_what_the_checkpoint_trained_
     assert gu.settings_changed(old, defaults) == {}  # it trained with 0.999, the default now
     assert gu.settings_changed(old, {**defaults, "beta2": 0.99, "lr_d": 1e-3}) == {
         "beta2": (0.999, 0.99), "lr_d": (defaults["lr_d"], 1e-3)}
+    # a resume always changes where the run reads and writes: not news worth printing
+    moved = {**defaults, "resume": "runs/x/checkpoint.pt", "run_dir": "runs/y", "overwrite": True, "epochs": 80}
+    assert gu.settings_changed(defaults, moved) == {"epochs": (defaults["epochs"], 80)}
