@@ -576,18 +576,18 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", required_keys=C
         raise CheckpointError(
             f"{path} holds Python objects other than tensors and plain data, so it was refused "
             "without running any of it. Checkpoints of this project never do: point `resume` at a "
-            "checkpoint.pt written by Vanilla_GAN.ipynb."
+            "checkpoint.pt in a run directory of Vanilla_GAN.ipynb or DCGAN.ipynb."
         ) from None
     except Exception as exc:  # truncated zip, not a torch file at all
         raise CheckpointError(
             f"{path} is not a readable checkpoint of this project ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Point `resume` at a "
-            "checkpoint.pt written by Vanilla_GAN.ipynb."
+            "checkpoint.pt in a run directory of Vanilla_GAN.ipynb or DCGAN.ipynb."
         ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this project "
                               f"(no format tag {CHECKPOINT_FORMAT!r}); point `resume` at a "
-                              "checkpoint.pt written by Vanilla_GAN.ipynb.")
+                              "checkpoint.pt in a run directory of Vanilla_GAN.ipynb or DCGAN.ipynb.")
     missing = [key for key in required_keys if key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} is a checkpoint of this project but lacks {', '.join(missing)}: "
@@ -596,11 +596,22 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", required_keys=C
     return checkpoint
 
 
+def notebook_of(config: dict) -> str:
+    """Which notebook a config (a checkpoint's, or the one in this kernel) belongs to: only DCGAN.ipynb
+    has the convolutional widths."""
+    return "DCGAN.ipynb" if "g_width" in config else "Vanilla_GAN.ipynb"
+
+
 def check_checkpoint_fits(checkpoint_config: dict, config: dict, keys=ARCHITECTURE_KEYS) -> None:
     """Raise CheckpointError listing every architecture setting where checkpoint and notebook differ,
     and the moving average of G switched on or off."""
     def wanted(k):  # lists and tuples of widths compare equal
         return list(config[k]) if isinstance(config.get(k), tuple) else config.get(k)
+
+    made_by, resumed_in = notebook_of(checkpoint_config), notebook_of(config)
+    if made_by != resumed_in:  # every setting would differ: say why instead
+        raise CheckpointError(f"this is a checkpoint of {made_by}, not of {resumed_in}: resume it with "
+                              f"{made_by}, or start afresh with resume=''.")
 
     diffs = [f"{k}: checkpoint has {built_with(checkpoint_config, k)!r}, notebook has {wanted(k)!r}"
              + (" (the checkpoint predates this setting)" if k not in checkpoint_config else "")

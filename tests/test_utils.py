@@ -412,6 +412,16 @@ def test_the_moving_average_of_g_may_change_its_decay_but_not_go_on_or_off():
         run_safety.check_checkpoint_fits({**saved, "ema_decay": 0}, saved)
 
 
+def test_a_checkpoint_of_the_other_notebook_is_named_as_such():
+    vanilla = {"latent_dim": 100, "g_batchnorm": True, "g_hidden": [256, 512, 1024], "d_hidden": [512, 256]}
+    dcgan = {"latent_dim": 100, "image_size": 32, "g_width": 32, "d_width": 32}
+    with pytest.raises(run_safety.CheckpointError, match=r"^this is a checkpoint of DCGAN\.ipynb, not of "
+                                                         r"Vanilla_GAN\.ipynb: resume it with DCGAN\.ipynb"):
+        run_safety.check_checkpoint_fits(dcgan, vanilla)
+    with pytest.raises(run_safety.CheckpointError, match=r"checkpoint of Vanilla_GAN\.ipynb, not of DCGAN\.ipynb"):
+        run_safety.check_checkpoint_fits(vanilla, dcgan, keys=("latent_dim", "image_size", "g_width", "d_width"))
+
+
 def test_a_checkpoint_from_before_the_width_settings_has_the_old_shapes():
     # Made when D was fixed at 1024-512-256 (no g_hidden / d_hidden in its config): it resumes with
     # d_hidden set to that, and the message for the new default says what to set.
