@@ -330,6 +330,11 @@ def dcgan_main(args) -> dict:
     device = gu.pick_device(args.device)
     cfg["matmul_precision"] = gs.resolve_matmul_precision(cfg["matmul_precision"], device)[0]
     folder = Path(args.data_dir) / "cifar10" / "train"
+    if not folder.is_dir():  # both sides read the same JPEG files; pytorch/examples' ImageFolder needs them
+        raise SystemExit(f"benchmark.py --dcgan reads CIFAR-10 as folders of images, {folder}/<class>/*.jpg, "
+                         "and there is no such folder. Point --data-dir (or GAN_DATA_DIR) at a directory "
+                         "holding cifar10/train/<class>/ (CIFAR-10's python download, as `make run-dcgan` "
+                         "fetches it, is not a folder of images).")
     train = image_data.load_image_folder(folder, cfg["image_size"], progress=False)
     ours = time_dcgan_step(cfg, train.images.to(device), args.seconds)
     theirs = time_examples_dcgan(str(folder), args.seconds, workers=2)

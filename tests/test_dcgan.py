@@ -158,6 +158,13 @@ def test_benchmark_times_the_notebooks_step_against_pytorch_examples(tiny_cifar,
     assert json.loads((tmp_path / "b.json").read_text())["settings"]["image_size"] == 32
 
 
+def test_benchmark_without_the_cifar_folders_says_where_they_must_be(tmp_path):
+    import benchmark
+
+    with pytest.raises(SystemExit, match=r"cifar10/train/<class>/\*\.jpg, and there is no such folder\. Point --data-dir"):
+        benchmark.main(["--dcgan", "--data-dir", str(tmp_path), "--seconds", "1", "--out", str(tmp_path / "b.json")])
+
+
 def test_the_baseline_recipe_trains_and_is_scored_like_the_notebook(tiny_cifar, tmp_path):
     import dcgan_baseline
 
