@@ -115,6 +115,16 @@ def test_mnist_at_32_pixels_trains_with_one_channel(dcgan_runs):
     assert torch.export.load(str(run.run_dir / "generator.pt2")).module()(torch.randn(2, 100)).shape == (2, 1, 32, 32)
 
 
+def test_an_mnist_checkpoint_resumed_on_colour_images_is_refused_naming_its_data(dcgan_runs, tiny_cifar, tmp_path):
+    mnist = dcgan_runs(dataset="mnist", train_subset=256, epochs=1, eval_samples=0).check()
+    before = sorted(p.name for p in mnist.run_dir.iterdir())
+    resumed = dcgan_runs(resume=str(mnist.run_dir / "checkpoint.pt"), run_dir="", epochs=2)  # on tiny_cifar
+    assert resumed.error is not None
+    assert "images of 1 channel(s)" in str(resumed.error) and "has 3" in str(resumed.error)
+    assert "dataset = 'mnist'" in str(resumed.error)
+    assert sorted(p.name for p in mnist.run_dir.iterdir()) == before  # nothing written into the run
+
+
 def test_a_folder_too_small_for_a_batch_is_refused_before_anything_is_written(dcgan_runs):
     run = dcgan_runs(train_subset=16)  # 16 images, batches of 32
     assert run.error is not None and "batch_size" in str(run.error)
