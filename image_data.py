@@ -190,9 +190,9 @@ def _scan(folder: Path) -> tuple[list[tuple[str, int, int]], list[int] | None, l
     seen = [e.name for e in top_files] + others
     hint = ""
     if subdirs and others and not top_files:
-        hint = (" Its subfolders hold only further subfolders or other files: if they are splits "
-                "(e.g. train/ and test/), point at one of them, or pass the parent folder to "
-                "load_dataset, which uses train/ and test/.")
+        hint = (" Its subfolders hold only further subfolders or other files: point the `dataset` "
+                "parameter at the folder whose subfolders hold the images (or at the one that holds "
+                "train/ and test/).")
     raise DataError(
         f"no images of a known type in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)}, any case, "
         f"directly in it or one level down in class subfolders; found "
@@ -576,8 +576,9 @@ def load_dataset(dataset: str, data_dir: str | os.PathLike, image_size: int, *, 
       machines keep CIFAR-10, as JPEGs: nearly but not exactly the same pixels); failing that, it is
       downloaded into data_dir. Resized when image_size != 32.
     * "mnist": load_mnist32, one channel, resized when image_size != 32.
-    * anything else: a folder (~ expanded; relative to the current directory). With `train/` and
-      `test/` subfolders they are the splits; otherwise the whole folder is train and test is None.
+    * anything else: a folder (~ expanded; relative to the current directory). With a `train/`
+      subfolder, that is the training set and `test/` (or `val/`, `valid/`, `validation/`; any case),
+      if there is one, the test set; otherwise the whole folder is train and test is None.
 
     The names "cifar10" and "mnist" win over folders of the same name (write "./mnist" for those).
     """
@@ -586,7 +587,7 @@ def load_dataset(dataset: str, data_dir: str | os.PathLike, image_size: int, *, 
         data_dir = Path(data_dir).expanduser()
         jpeg = data_dir / "cifar10"
         if not (data_dir / CIFAR10_FOLDER).exists() and (jpeg / "train").is_dir() and (jpeg / "test").is_dir():
-            return _folder_splits(jpeg, image_size, cache_dir, progress)
+            return _folder_splits(jpeg / "train", jpeg / "test", image_size, cache_dir, progress)
         train, test = load_cifar10(data_dir, download=download)
         return _resized(train, image_size), _resized(test, image_size)
     if name.lower() == "mnist":
@@ -600,18 +601,31 @@ def load_dataset(dataset: str, data_dir: str | os.PathLike, image_size: int, *, 
             f"{', '.join(repr(d) for d in DATASETS)}, or give the path of a folder of images (flat, with one "
             "subfolder per class, or with train/ and test/ subfolders)."
         )
-    if (folder / "train").is_dir() and (folder / "test").is_dir():
-        return _folder_splits(folder, image_size, cache_dir, progress)
-    return load_image_folder(folder, image_size, cache_dir=cache_dir, progress=progress), None
+    train_dir, test_dir = _split_folders(folder)
+    if train_dir is None:
+        return load_image_folder(folder, image_size, cache_dir=cache_dir, progress=progress), None
+    if test_dir is None:
+        print(f"note: {folder} has {train_dir.name}/ but no test/ (or val/): {train_dir.name}/ is the training set, "
+              "and the last third of it the reference the scores compare with.")
+        return load_image_folder(train_dir, image_size, cache_dir=cache_dir, progress=progress), None
+    return _folder_splits(train_dir, test_dir, image_size, cache_dir, progress)
 
 
-def _folder_splits(folder: Path, image_size: int, cache_dir, progress: bool) -> tuple[ImageSet, ImageSet]:
-    train = load_image_folder(folder / "train", image_size, cache_dir=cache_dir, progress=progress)
-    test = load_image_folder(folder / "test", image_size, cache_dir=cache_dir, progress=progress)
-    if train.class_names != test.class_names:
-        raise DataError(
-            f"{folder / 'train'} and {folder / 'test'} do not have the same classes "
-            f"(train: {train.class_names}, test: {test.class_names}), so their labels would not match. "
-            "Give both the same class subfolders (or make both flat)."
-        )
+TEST_SPLIT_NAMES = ("test", "val", "valid", "validation")  # in this order of preference
+
+
+def _split_folders(folder: Path) -> tuple[Path | None, Path | None]:
+    """`folder`'s train/ and test/ (or val/, valid/, validation/) subfolders, any case; None where
+    there is none. Without this, train/ and val/ would be read as two classes and both trained on."""
+    subdirs = {e.name.lower(): Path(e.path) for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")}
+    return subdirs.get("train"), next((subdirs[n] for n in TEST_SPLIT_NAMES if n in subdirs), None)
+
+
+def _folder_splits(train_dir: Path, test_dir: Path, image_size: int, cache_dir, progress: bool) -> tuple[ImageSet, ImageSet]:
+    train = load_image_folder(train_dir, image_size, cache_dir=cache_dir, progress=progress)
+    test = load_image_folder(test_dir, image_size, cache_dir=cache_dir, progress=progress)
+    if train.class_names != test.class_names:  # the test images are the reference, used without labels
+        print(f"note: {test_dir} has other classes than {train_dir} ({test.class_names} against "
+              f"{train.class_names}); its images are the reference all the same, its labels are not used.")
+        test = ImageSet(test.images, None, None, test.source)
     return train, test

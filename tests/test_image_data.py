@@ -430,9 +430,26 @@ def test_load_dataset_choices(tmp_path, monkeypatch):
     train, test = idt.load_dataset(str(tmp_path / "split"), tmp_path, 8, progress=False)
     assert (len(train), len(test)) == (6, 4) and train.class_names == test.class_names == ["a", "b"]
 
+    # test/ with other classes: its images are still the reference, without labels
     save(tmp_path / "split" / "test" / "c" / "0.png", rgb(10, 10))
-    with pytest.raises(DataError, match="same classes"):
-        idt.load_dataset(str(tmp_path / "split"), tmp_path, 8, progress=False)
+    train, test = idt.load_dataset(str(tmp_path / "split"), tmp_path, 8, progress=False)
+    assert (len(train), len(test)) == (6, 5) and train.class_names == ["a", "b"]
+    assert test.labels is None and test.class_names is None
+
+
+@pytest.mark.parametrize("train_name, test_name", [("train", "val"), ("Train", "Test"), ("train", "validation"),
+                                                   ("TRAIN", None)])
+def test_split_folders_are_not_mistaken_for_classes(tmp_path, train_name, test_name, capsys):
+    for split, n in ((train_name, 3), (test_name, 2)):
+        for cls in ("a", "b"):
+            for i in range(n if split else 0):
+                save(tmp_path / "d" / split / cls / f"{i}.png", rgb(10, 10, i))
+    train, test = idt.load_dataset(str(tmp_path / "d"), tmp_path, 8, progress=False)
+    assert len(train) == 6 and train.class_names == ["a", "b"]  # not two classes "train" and "val"
+    if test_name:
+        assert len(test) == 4 and test.class_names == ["a", "b"]
+    else:  # train/ alone: no test split, and the run says where the reference comes from
+        assert test is None and "no test/ (or val/)" in capsys.readouterr().out
 
 
 def test_load_dataset_cifar10(tmp_path):
