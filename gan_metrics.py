@@ -335,10 +335,12 @@ def quick_scores(classifier, fake_images: torch.Tensor, ref: ReferenceStats) -> 
 def memorisation(samples: torch.Tensor, test_x: torch.Tensor, train_x: torch.Tensor) -> dict:
     """Median distance ([0, 1]-pixel units) from each sample to its nearest training image, the same
     for test images, and their ratio: well below 1 means samples sit closer to training images than
-    unseen real digits do -- a sign of copying."""
+    unseen real digits do -- a sign of copying. NaN where the test images are themselves training
+    images (a test/ folder that copies train/): there is then no unseen yardstick."""
     sample_nn = nearest_training_images(samples, train_x)[0].median().item()
     test_nn = nearest_training_images(test_x, train_x)[0].median().item()
-    return {"nn_median_samples": sample_nn, "nn_median_test": test_nn, "nn_ratio": sample_nn / test_nn}
+    return {"nn_median_samples": sample_nn, "nn_median_test": test_nn,
+            "nn_ratio": sample_nn / test_nn if test_nn > 0 else math.nan}
 
 
 def _evaluate(samples: torch.Tensor, splits: MnistSplits, classifier, nn_train: torch.Tensor) -> dict:

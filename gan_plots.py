@@ -55,6 +55,10 @@ def plot_quality(history: list[dict], path: str | os.PathLike, real_score: float
     ax_fd.plot(epochs_axis, [row["fd"] for row in rows], color="C3")
     ax_fd.set(xlabel="epoch", ylabel="Frechet distance (lower is better)", yscale="log", title="Frechet distance")
     if class_names:
+        # A run resumed on data with these classes after epochs on data without them (a folder of
+        # faces, say) has FD-only rows at first: the class panels start where the scores do.
+        rows = [row for row in rows if "score" in row]
+        epochs_axis = [row["epoch"] for row in rows]
         ax_time, ax_share = axes[0, 1], axes[0, 2]
         ax_time.plot([row["train_seconds"] / 60 for row in rows], [row["score"] for row in rows], marker=".")
         if real_score is not None:

@@ -225,6 +225,17 @@ def test_time_to_quality_names_the_first_epoch_at_each_level():
     assert gm.time_to_quality([], levels=(3.0,), key="fd") == ["fd >= 3.0: not reached"]
 
 
+def test_memorisation_ratio_and_a_test_set_that_copies_the_training_set():
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(50, 784, generator=g)
+    copies = gm.memorisation(train[:10], torch.rand(10, 784, generator=g), train)
+    assert copies["nn_median_samples"] == 0.0 and copies["nn_ratio"] == 0.0  # samples that are training images
+    fresh = gm.memorisation(torch.rand(10, 784, generator=g), torch.rand(10, 784, generator=g), train)
+    assert 0.8 < fresh["nn_ratio"] < 1.25  # both as far from the training images as new draws are
+    no_yardstick = gm.memorisation(torch.rand(10, 784, generator=g), train[10:20], train)  # test/ copies train/
+    assert no_yardstick["nn_median_test"] == 0.0 and math.isnan(no_yardstick["nn_ratio"])
+
+
 # ------------------------------------------------------------------------------- the classifier
 
 def test_committed_classifier_is_accurate(classifier, splits):

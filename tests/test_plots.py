@@ -1,0 +1,30 @@
+"""gan_plots: the figures a run saves, drawn from a history like the notebooks keep."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: plt.show() is then a no-op
+
+import gan_plots as gp  # noqa: E402  (the repository root is on sys.path through conftest.py)
+
+
+def row(epoch: int, scored: bool) -> dict:
+    out = {"epoch": epoch, "train_seconds": 10.0 * epoch, "fd": 5.0 / epoch}
+    if scored:
+        out.update(score=7.0 + 0.1 * epoch, **{f"frac_{c}": 0.1 for c in range(10)})
+    return out
+
+
+def test_quality_plot_draws_a_run_resumed_onto_data_with_classes(tmp_path):
+    # Two epochs on a folder of faces (FD only), then resumed on CIFAR-10 (class scores too).
+    history = [row(1, False), row(2, False), row(3, True), row(4, True)]
+    assert gp.plot_quality(history, tmp_path / "q.png", real_score=9.5, class_names=[str(c) for c in range(10)])
+    assert (tmp_path / "q.png").stat().st_size > 0
+
+
+def test_quality_plot_of_a_folder_without_classes_and_of_no_scores(tmp_path):
+    assert gp.plot_quality([row(1, False), row(2, False)], tmp_path / "fd.png", real_score=None, class_names=None)
+    assert (tmp_path / "fd.png").exists()
+    assert not gp.plot_quality([{"epoch": 1, "train_seconds": 1.0}], tmp_path / "none.png", None, None)
+    assert not (tmp_path / "none.png").exists()
