@@ -112,10 +112,11 @@ class CudaGraphBackend:
     def warm_up(self, fn: Callable):
         # Eager steps before a capture run on a side stream, as torch.cuda.graphs asks: lazy
         # initialisation (cuBLAS handles, the allocator's pools) must not happen during capture.
-        self.stream.wait_stream(torch.cuda.current_stream())
+        main = torch.cuda.current_stream(self.stream.device)  # the training device's, not cuda:0's
+        self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
             out = fn()
-        torch.cuda.current_stream().wait_stream(self.stream)
+        main.wait_stream(self.stream)
         return out
 
     def capture(self, fn: Callable):

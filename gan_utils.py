@@ -347,7 +347,10 @@ def set_rng_state(state: dict) -> None:
     with map_location=<the GPU> holds them on the GPU, where torch.set_rng_state refuses them."""
     torch.set_rng_state(state["cpu"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        # A checkpoint from a machine with more GPUs restores the ones this machine has (the run
+        # trains on one); set_rng_state_all would fail on the others.
+        for index, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state.cpu(), index)
     if "mps" in state and _mps_available():
         torch.mps.set_rng_state(state["mps"].cpu())
 
@@ -584,10 +587,11 @@ def roll_back(state: dict, parts: dict, checkpoint_path: Path, run_path: Path) -
 
 @contextlib.contextmanager
 def rolled_back_when_stopped(roll_back_to_last_good: Callable[[], int], checkpoint_path: Path):
-    """The training loop's safety net. Ctrl-C, the stop button or SIGTERM (KeyboardInterrupt), and a
-    NaN loss (DivergenceError), call `roll_back_to_last_good()` (it returns the epoch it went back
-    to), with a second interrupt held until its save is done, then re-raise; an interrupt also
-    prints how to resume."""
+    """The training loop's safety net. Ctrl-C, the stop button or SIGTERM (KeyboardInterrupt), a NaN
+    loss (DivergenceError) and any other error in an epoch (a full disk, out of memory) call
+    `roll_back_to_last_good()` (it returns the epoch it went back to), with a second interrupt held
+    until its save is done, then re-raise: re-running the training cell then trains the unfinished
+    epoch once, not on top of its half. An interrupt also prints how to resume."""
     with sigterm_as_interrupt():
         try:
             yield
@@ -596,9 +600,17 @@ def rolled_back_when_stopped(roll_back_to_last_good: Callable[[], int], checkpoi
                 epoch = roll_back_to_last_good()
                 print("Interrupted: the unfinished epoch was rolled back. " + resume_message(checkpoint_path, epoch))
             raise
-        except DivergenceError:
+        except Exception as error:
             with interrupts_deferred(reraise=False):
-                roll_back_to_last_good()  # the error's message says which settings to look at
+                try:
+                    epoch = roll_back_to_last_good()
+                except Exception as failed:  # e.g. the disk is still full: the error above is the news
+                    print(f"note: rolling back after {type(error).__name__} failed too ({type(failed).__name__}: "
+                          f"{failed}); restart the kernel and resume from {checkpoint_path}.")
+                else:
+                    if not isinstance(error, DivergenceError):  # its message says which settings to look at
+                        print(f"{type(error).__name__} in epoch {epoch + 1}: that epoch was rolled back. "
+                              + resume_message(checkpoint_path, epoch))
             raise
 
 

@@ -229,7 +229,8 @@ def _read_pid(fd: int) -> int | None:
 
 def _busy_message(path: Path, pid: int | None) -> str:
     who = f"process {pid}" if pid else "another process"
-    stop = f"stop it (`kill -INT {pid}` saves its checkpoint first), " if pid else "stop it, "
+    stop = (f"stop it (`kill -INT {pid}` saves its checkpoint first; a Jupyter kernel that has the run "
+            "open holds it until you shut that kernel down), " if pid else "stop it, ")
     return (f"run_dir = {str(path)!r} is in use: {who} is running there now (it holds "
             f"{path / LOCK_FILE}). Wait for it to finish, {stop}or choose another run_dir.")
 
@@ -342,6 +343,13 @@ def check_run_dir(run_dir: str | os.PathLike, resume: str = "", overwrite: bool 
     pid = lock_holder(path)
     if pid is not None:
         raise ParameterError(_busy_message(path, pid))
+    if _own_lock(path) is not None and run_files(path) and not (resume and _inside(resume, path)):
+        # This kernel's own run, from an earlier run of the setup cells: overwrite = True would
+        # delete the run that is open here.
+        raise ParameterError(
+            f"run_dir = {str(path)!r} holds the run this kernel is training. To continue it, change "
+            "settings in a new cell and run the training cell (not the setup cells); to start a new "
+            "run, restart the kernel first (Restart & Run All).")
     _refuse_other_run(path, resume, overwrite)
     return path
 
@@ -365,7 +373,7 @@ def claim_run_dir(run_dir: str | os.PathLike, resume: str = "", overwrite: bool 
     lock = lock or _acquire_lock(path)
     try:
         _refuse_other_run(path, resume, overwrite)  # again: nobody else can start there now
-        if overwrite:
+        if overwrite and not (resume and _inside(resume, path)):  # never the run being resumed
             clear_run_files(path)
     except BaseException:
         if fresh:

@@ -103,6 +103,23 @@ def test_overwrite_deletes_the_old_runs_files_only(tmp_path):
     assert left == [run_safety.LOCK_FILE, "Vanilla_GAN.ipynb", "notes.txt"]
 
 
+def test_overwrite_never_deletes_the_run_being_resumed(tmp_path):
+    run = finished_run(tmp_path / "run")
+    before = sorted(listing(run))
+    with run_safety.claim_run_dir(run, resume=str(run / "checkpoint.pt"), overwrite=True):
+        assert sorted(listing(run)) == sorted(before + [run_safety.LOCK_FILE])
+
+
+def test_setup_cells_run_again_over_this_kernels_own_run_say_how_to_go_on(tmp_path):
+    run = tmp_path / "run"
+    with run_safety.claim_run_dir(run):
+        gu.write_json(run / "config.json", {"epochs": 1})  # the run has started here
+        for overwrite in (False, True):  # the advice to overwrite would delete the run open here
+            with pytest.raises(gu.ParameterError, match=r"holds the run this kernel is training\. To continue it"):
+                run_safety.check_run_dir(run, overwrite=overwrite)
+        assert (run / "config.json").exists()
+
+
 def test_new_directory_is_created_locked_with_our_pid(tmp_path):
     run = tmp_path / "new" / "run"
     assert run_safety.check_run_dir(run) == run and not run.exists()  # the check writes nothing

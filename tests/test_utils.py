@@ -234,6 +234,22 @@ def test_epoch_summary_with_and_without_the_classifier_score():
     assert gu.epoch_summary({**row, "fd": 12.5}).endswith("0.47  FD 12.50  [27 s]")
 
 
+def test_any_error_in_an_epoch_rolls_back_to_the_last_good_epoch(tmp_path, capsys):
+    rolled = []
+    with pytest.raises(OSError, match="No space left"):
+        with gu.rolled_back_when_stopped(lambda: rolled.append(3) or 3, tmp_path / "checkpoint.pt"):
+            raise OSError(28, "No space left on device")
+    assert rolled == [3] and "OSError in epoch 4: that epoch was rolled back" in capsys.readouterr().out
+
+    def fails_too():
+        raise OSError(28, "still full")
+
+    with pytest.raises(MemoryError):  # the first error is the one that surfaces
+        with gu.rolled_back_when_stopped(fails_too, tmp_path / "checkpoint.pt"):
+            raise MemoryError()
+    assert "rolling back after MemoryError failed too (OSError" in capsys.readouterr().out
+
+
 class _OnTheGpu:
     """Stands in for a state tensor that load_checkpoint(map_location=<GPU>) put on the GPU, which
     torch.set_rng_state refuses: only .cpu() gives the tensor back."""
@@ -245,17 +261,18 @@ class _OnTheGpu:
         return self._tensor
 
 
-def test_rng_state_of_a_checkpoint_loaded_onto_the_gpu_is_restored(monkeypatch):
+def test_rng_state_of_a_checkpoint_loaded_onto_the_gpu_is_restored_on_the_gpus_there_are(monkeypatch):
     torch.manual_seed(5)
     state = gu.rng_state()
     a = torch.randn(10)
-    cuda_state = torch.tensor([1, 2, 3], dtype=torch.uint8)
-    restored = {}
+    cuda_states = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5, 6], dtype=torch.uint8)]
+    restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.update(cuda=states))
-    gu.set_rng_state({"cpu": _OnTheGpu(state["cpu"]), "cuda": [_OnTheGpu(cuda_state)]})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # saved on a machine with two GPUs
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    gu.set_rng_state({"cpu": _OnTheGpu(state["cpu"]), "cuda": [_OnTheGpu(s) for s in cuda_states]})
     assert torch.equal(torch.randn(10), a)
-    assert restored["cuda"] == [cuda_state]
+    assert restored == [(cuda_states[0], 0)]  # the one GPU here; the other's state has no device
 
 
 # ------------------------------------------------------------------------------------------------
