@@ -9,11 +9,9 @@ VENV ?= .venv
 PYTHON ?= python3
 # Which notebook `make run` runs: the MNIST MLP GAN, or DCGAN.ipynb (colour images; `make run-dcgan`).
 NOTEBOOK ?= Vanilla_GAN.ipynb
-# Set once (:=), so every use is the same directory; exported, so the recipe reads it as "$$RUN_DIR":
-# the shell then takes the value as one word, whatever it holds (spaces, quotes, $).
-ifndef RUN_DIR
-RUN_DIR := runs/$(shell date +%Y-%m-%d_%H-%M-%S)
-endif
+# Where the run writes. Unset, run_notebook.py picks it as the notebook does: a resumed checkpoint's
+# own directory, else runs/<date-time>/. Exported, so the recipe reads it as "$$RUN_DIR": the shell
+# then takes the value as one word, whatever it holds (spaces, quotes, $).
 export RUN_DIR
 # Passed to the shell as written, so a value with spaces carries its own quotes: PARAMS="-p resume 'runs/my run/checkpoint.pt'"
 PARAMS ?=
@@ -29,7 +27,7 @@ $(VENV)/.installed: requirements.txt
 # safe stop: Ctrl-C or SIGTERM interrupts the kernel, which saves a checkpoint, and the command to
 # resume is printed here. exec: make's SIGTERM then reaches the runner itself, not a shell around it.
 run: $(VENV)/.installed
-	exec $(VENV)/bin/python run_notebook.py $(NOTEBOOK) -p run_dir "$$RUN_DIR" $(PARAMS)
+	exec $(VENV)/bin/python run_notebook.py $(NOTEBOOK) $${RUN_DIR:+-p run_dir "$$RUN_DIR"} $(PARAMS)
 
 # DCGAN.ipynb with its defaults on CIFAR-10 (from GAN_DATA_DIR, else downloaded into data/); point it
 # at a folder of images with PARAMS="-p dataset /path/to/folder".

@@ -32,7 +32,6 @@ import importlib
 import json
 import logging
 import os
-import shlex
 import signal
 import sys
 import threading
@@ -174,8 +173,8 @@ def resume_report(run_dir: Path) -> str:
     import run_safety
     checkpoint = run_dir / "checkpoint.pt"
     if not checkpoint.is_file():
-        return (f"No checkpoint in {run_dir} yet: nothing to resume. Start again with "
-                f"`make run RUN_DIR={shlex.quote(str(run_dir))}` or another RUN_DIR.")
+        return (f"No checkpoint in {run_dir} yet: nothing to resume. Start again there with "
+                f"`{run_safety.restart_command(run_dir)}`, or with another RUN_DIR.")
     try:
         epoch = run_safety.load_checkpoint(checkpoint)["epoch"]
     except run_safety.CheckpointError as exc:

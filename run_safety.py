@@ -423,6 +423,14 @@ def notebook_of_run(run_dir: str | os.PathLike) -> str:
         return DEFAULT_NOTEBOOK
 
 
+def restart_command(run_dir: str | os.PathLike) -> str:
+    """The shell command that starts a run afresh in `run_dir`, deleting the files of the run that
+    stopped there before its first checkpoint (overwrite: nothing to resume is lost)."""
+    notebook = notebook_of_run(run_dir)
+    which = "" if notebook == DEFAULT_NOTEBOOK else f"NOTEBOOK={shlex.quote(notebook)} "
+    return f'make run {which}RUN_DIR={shlex.quote(str(run_dir))} PARAMS="-p overwrite True"'
+
+
 def resume_command(checkpoint: str | os.PathLike) -> str:
     """The shell command that continues a run headless, quoted so that any path works (spaces too):
     make passes PARAMS to the shell unquoted, so the path inside it carries its own quotes."""

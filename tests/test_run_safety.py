@@ -120,6 +120,17 @@ def test_setup_cells_run_again_over_this_kernels_own_run_say_how_to_go_on(tmp_pa
         assert (run / "config.json").exists()
 
 
+def test_the_command_to_start_again_is_accepted_where_a_run_stopped_before_its_first_checkpoint(tmp_path):
+    run = tmp_path / "run dcgan"
+    (run / "grids").mkdir(parents=True)
+    gu.write_json(run / "config.json", {"notebook": "DCGAN.ipynb"})  # stopped in epoch 1: no checkpoint
+    command = run_safety.restart_command(run)
+    assert command == f"make run NOTEBOOK=DCGAN.ipynb RUN_DIR='{run}' PARAMS=\"-p overwrite True\""
+    with pytest.raises(gu.ParameterError):
+        run_safety.check_run_dir(run)  # the same command without overwrite is refused
+    assert run_safety.check_run_dir(run, overwrite=True) == run
+
+
 def test_new_directory_is_created_locked_with_our_pid(tmp_path):
     run = tmp_path / "new" / "run"
     assert run_safety.check_run_dir(run) == run and not run.exists()  # the check writes nothing
@@ -525,10 +536,14 @@ def test_makefile_passes_run_dir_and_params_with_spaces(tmp_path):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [
         "run_notebook.py", "Vanilla_GAN.ipynb", "-p", "run_dir", "runs/my run", "-p", "resume", str(checkpoint)]
-    out = subprocess.run(["make", "-s", "-C", str(REPO_ROOT), "run", f"VENV={venv}"],
-                         capture_output=True, text=True, timeout=30)
-    args = json.loads(out.stdout.strip().splitlines()[-1])
-    assert re.fullmatch(r"runs/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", args[4])
+    # Without RUN_DIR the runner picks the directory as the notebook does: a resumed checkpoint's own
+    # (not a new runs/<date-time>/ beside it), else runs/<date-time>/.
+    for params, expected in (([], ["run_notebook.py", "Vanilla_GAN.ipynb"]),
+                             (['PARAMS=-p resume "runs/my run/checkpoint.pt"'],
+                              ["run_notebook.py", "Vanilla_GAN.ipynb", "-p", "resume", str(checkpoint)])):
+        out = subprocess.run(["make", "-s", "-C", str(REPO_ROOT), "run", f"VENV={venv}", *params],
+                             capture_output=True, text=True, timeout=30, env={**os.environ, "RUN_DIR": ""})
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == expected, out.stderr
 
 
 def test_runner_types_values_as_papermill_and_reads_lists():
