@@ -255,6 +255,24 @@ FD_MIN_SAMPLES = 2
 KNN_MIN_SAMPLES = 3 + 1
 
 
+# Settings that the cells before training used once (to load the data, pick the device, claim the
+# run directory): changed in a new cell, re-running the training cell alone could not apply them.
+SETUP_SETTINGS = ("data_dir", "dataset", "image_size", "train_subset", "device", "run_dir", "resume")
+
+
+def check_setup_unchanged(applied: dict, config: dict) -> None:
+    """ParameterError naming each SETUP_SETTINGS value that differs between `applied` (what the
+    earlier cells used) and `config` (the parameters now), instead of training on without them."""
+    changed = [f"{k}: {applied[k]!r} -> {config[k]!r}" for k in SETUP_SETTINGS
+               if k in applied and k in config and applied[k] != config[k]]
+    if changed:
+        raise ParameterError(
+            "these settings were used by the cells before training, so re-running the training cell "
+            f"cannot apply them: {'; '.join(changed)}. Set them back, or restart the kernel and run the "
+            "notebook from the top with the new values (to continue this run there, set resume to its "
+            "checkpoint).")
+
+
 def validate_against_data(config: dict, n_train: int) -> None:
     """Check the settings that depend on the size of the training set, after loading it and before
     any work. One ParameterError lists every conflict with the range allowed for this data: settings
@@ -568,21 +586,27 @@ def snapshot(config: dict, epoch: int, parts: dict, fixed_noise: torch.Tensor, h
                           "fixed_noise": fixed_noise, "rng": rng_state(), "history": history})
 
 
+def restore_training_state(state: dict, parts: dict) -> tuple[list, int]:
+    """Load a snapshot or checkpoint `state` into the training parts and the random-number
+    generators; returns copies of its (history, epoch). Copies throughout: an optimizer's
+    load_state_dict keeps the given state tensors as its own, so training would otherwise change
+    `state`, and loading it again (a second rollback, the build cell run again) would be inexact."""
+    for key, part in parts.items():
+        part.load_state_dict(copy.deepcopy(state[key]))
+    set_rng_state(state["rng"])
+    return copy.deepcopy(state["history"]), state["epoch"]
+
+
 def roll_back(state: dict, parts: dict, checkpoint_path: Path, run_path: Path) -> tuple[list, int]:
     """Put the models, the random numbers and the files back to the snapshot `state` (after an
     interrupt or a NaN): memory and disk then agree, and re-running the training cell continues from
     there. Returns the snapshot's (history, epoch) for the notebook's variables."""
-    for key, part in parts.items():
-        # A copy: an optimizer's load_state_dict keeps the given state tensors as its own, so training
-        # after the rollback would change the snapshot, and a second rollback to it would be inexact.
-        part.load_state_dict(copy.deepcopy(state[key]))
-    set_rng_state(state["rng"])
-    history = copy.deepcopy(state["history"])
+    history, epoch = restore_training_state(state, parts)
     save_checkpoint(checkpoint_path, state)
-    remove_grids_after(run_path, state["epoch"])  # the unfinished epoch's grid, if it was written
+    remove_grids_after(run_path, epoch)  # the unfinished epoch's grid, if it was written
     if history:
         write_metrics_csv(Path(run_path) / "metrics.csv", history)
-    return history, state["epoch"]
+    return history, epoch
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ image file, the image size and this module's preprocessing version: adding, remo
 touching any image makes it stale, and a stale cache is rebuilt, never used. Caches are written
 atomically (temporary file, then os.replace) and read with `torch.load(weights_only=True)` (they
 hold only tensors, strings and ints); an unreadable one is ignored with a one-line note and rebuilt.
-Delete the `.<foldername>.gan-cache-*.pt` files (or the user cache directory) to reclaim the space.
+Delete the `.<foldername>.gan-cache-*` files (or the user cache directory) to reclaim the space.
 """
 
 from __future__ import annotations
@@ -367,7 +367,7 @@ def _decode_all(folder: Path, files: list[tuple[str, int, int]], image_size: int
             f"{len(failed)} of the {len(files):,} images in {folder} could not be read "
             f"(unreadable, truncated or not what its extension says): {'; '.join(failed[:5])}"
             f"{'; ...' if len(failed) > 5 else ''}. The other {fine:,} were fine. Delete "
-            f"{'this file' if len(failed) == 1 else 'these files'}, or re-save them with an image "
+            f"{'this file' if len(failed) == 1 else 'these files'}, or re-save {'it' if len(failed) == 1 else 'them'} with an image "
             "editor (e.g. open and save as PNG), then run again."
         )
     return out

@@ -250,6 +250,34 @@ def test_any_error_in_an_epoch_rolls_back_to_the_last_good_epoch(tmp_path, capsy
     assert "rolling back after MemoryError failed too (OSError" in capsys.readouterr().out
 
 
+def test_training_after_a_restore_leaves_the_restored_state_as_it_was():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    parts = {"net": net, "opt": opt}
+    state = gu.snapshot({}, 1, parts, torch.zeros(1), [{"epoch": 1}])
+    first = copy.deepcopy(state)
+    history, epoch = gu.restore_training_state(state, parts)
+    assert (history, epoch) == ([{"epoch": 1}], 1)
+    history.append({"epoch": 2})  # the notebook trains on: its history and Adam's moments change
+    opt.zero_grad()
+    net(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    assert state["history"] == [{"epoch": 1}]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(state["opt"]["state"][0][key], first["opt"]["state"][0][key])
+
+
+def test_settings_the_setup_cells_used_cannot_change_in_the_training_cell(defaults):
+    gu.check_setup_unchanged(defaults, {**defaults, "epochs": 80, "lr_g": 1e-4})  # the training cell applies these
+    with pytest.raises(gu.ParameterError) as info:
+        gu.check_setup_unchanged(defaults, {**defaults, "train_subset": 2000, "device": "cuda"})
+    msg = str(info.value)
+    assert "train_subset: 0 -> 2000; device: 'auto' -> 'cuda'" in msg and "restart the kernel" in msg
+
+
 class _OnTheGpu:
     """Stands in for a state tensor that load_checkpoint(map_location=<GPU>) put on the GPU, which
     torch.set_rng_state refuses: only .cpu() gives the tensor back."""
