@@ -350,15 +350,18 @@ def _write_cache(path: Path, blob: dict) -> None:
 
 
 def _decode_all(folder: Path, files: list[tuple[str, int, int]], image_size: int, progress: bool) -> np.ndarray:
+    """Every file decoded (decode_image) into one uint8 array (N, 3, S, S); DataError naming the
+    files that cannot be read."""
     from tqdm.auto import tqdm
 
-    out = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
+    # Channels first from the start: one copy of the images in memory, not a second for a transpose.
+    out = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
     failed = []
     with _truncated_images_refused():
         for i, (rel, _, _) in enumerate(tqdm(files, desc=f"decoding {folder.name}", unit="img",
                                             disable=not progress, mininterval=0.5)):
             try:
-                out[i] = decode_image(folder / rel, image_size)
+                out[i] = decode_image(folder / rel, image_size).transpose(2, 0, 1)
             except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
                 failed.append(f"{rel} ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})")
     if failed:
@@ -401,7 +404,7 @@ def load_image_folder(folder: str | os.PathLike, image_size: int, cache_dir: str
             return ImageSet(cached["images"], cached["labels"], cached["class_names"], str(folder.resolve()))
 
     pixels = _decode_all(folder, files, image_size, progress)
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    images = torch.from_numpy(pixels)
     label_tensor = torch.tensor(labels, dtype=torch.int64) if labels is not None else None
     if candidates:
         blob = {"format": CACHE_FORMAT, "key": key, "images": images,
