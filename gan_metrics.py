@@ -406,6 +406,12 @@ def image_evaluation(samples: torch.Tensor, reference: torch.Tensor, nn_images: 
     return {**out, **(memorisation(samples, reference, nn_images) if nn_images is not None else {})}
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Model-range images [-1, 1] to 0..255, rounded to the nearest level (torchmetrics'
+    normalize=True truncates instead: every pixel half a level low on average)."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 def inception_fid(samples: torch.Tensor, reference: torch.Tensor, batch_size: int = 500) -> float | str:
     """FID on Inception-v3 features (torchmetrics, which needs the torch-fidelity package and
     downloads the Inception weights on first use): comparable with published numbers, unlike the
@@ -413,10 +419,10 @@ def inception_fid(samples: torch.Tensor, reference: torch.Tensor, batch_size: in
     weights and no network), the reason in one line: a missing FID never stops a run."""
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
-        fid = FrechetInceptionDistance(feature=2048, normalize=True)  # normalize: images in [0, 1]
+        fid = FrechetInceptionDistance(feature=2048)  # uint8 images, as FID's reference code reads them
         for images, real in ((reference, True), (samples, False)):
             for start in range(0, len(images), batch_size):
-                chunk = (images[start:start + batch_size].float().cpu() + 1) / 2
+                chunk = to_uint8(images[start:start + batch_size].cpu())
                 fid.update(chunk.expand(-1, 3, -1, -1), real=real)  # grey images as RGB
         return float(fid.compute())
     except Exception as exc:  # noqa: BLE001 -- any failure means "not available here", said in one line
@@ -428,12 +434,16 @@ def inception_fid(samples: torch.Tensor, reference: torch.Tensor, batch_size: in
 # --------------------------------------------------------------------------------------------
 
 def time_to_quality(history: list[dict], levels=(7.0, 8.0, 9.0), key: str = "score") -> list[str]:
-    """One line per level: the epoch and training time at which the run first reached it."""
+    """One line per level: the epoch and training time at which the run first reached it (a score
+    at or above the level; for "fd", where lower is better, at or below)."""
+    lower_is_better = key == "fd"
     lines = []
     for level in levels:
-        first = next((row for row in history if row.get(key, -math.inf) >= level), None)
-        lines.append(f"{key} >= {level}: " + (f"epoch {first['epoch']}, after {first['train_seconds'] / 60:.1f} "
-                                              "min of training" if first else "not reached"))
+        reached = (lambda v: v <= level) if lower_is_better else (lambda v: v >= level)
+        first = next((row for row in history if key in row and reached(row[key])), None)
+        lines.append(f"{key} {'<=' if lower_is_better else '>='} {level}: "
+                     + (f"epoch {first['epoch']}, after {first['train_seconds'] / 60:.1f} min of training"
+                        if first else "not reached"))
     return lines
 
 
@@ -448,6 +458,7 @@ def _table_cells(metrics: dict) -> list[str]:
 
     fracs = get(*(f"frac_{d}" for d in range(10)))
     cells = [
+        f"{metrics['n_samples']:,}" if get("n_samples") else "-",
         _pm(*get("parzen_ll", "parzen_se"), 1) if get("parzen_ll", "parzen_se") else "-",
         f"{metrics['fd']:.2f}" if get("fd") else "-",
         f"{metrics['kid_mean']:.4f} ± {metrics['kid_std']:.4f}" if get("kid_mean", "kid_std") else "-",
@@ -462,15 +473,17 @@ def _table_cells(metrics: dict) -> list[str]:
 def results_table(rows: dict, paper: bool = True, share: str = "digit") -> str:
     """Markdown table: the paper's Table 1 (Parzen only; `paper`) followed by `rows` ({name: metrics
     dict}, e.g. from full_evaluation and reference_row). Without `paper` (colour images) there is no
-    Parzen column; `share` names what the last column counts."""
-    header = ["Model", "Parzen LL (nats)", "FD", "KID", "Score", "Precision", "Recall",
-              f"min/max {share} share"]
-    keep = slice(None) if paper else slice(1, None)  # the cells after the model name
-    lines = ["| " + " | ".join([header[0]] + header[1:][keep]) + " |",
-             "|" + "|".join(["---"] * (len(header) - (0 if paper else 1))) + "|"]
+    Parzen column; `share` names what the last column counts. The Samples column: Parzen and FD
+    depend on how many images a row scores (a real row cut by train_subset scores fewer)."""
+    def without_parzen(cells):
+        return cells if paper else cells[:2] + cells[3:]
+
+    header = without_parzen(["Model", "Samples", "Parzen LL (nats, ± s.e.)", "FD", "KID (mean ± sd of 100 subsets)",
+                             "Score", "Precision", "Recall", f"min/max {share} share"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     if paper:
         for name, (ll, se) in PAPER_TABLE1.items():
-            lines.append("| " + " | ".join([f"{name} (paper)", _pm(ll, se, 1)] + ["-"] * 6) + " |")
+            lines.append("| " + " | ".join([f"{name} (paper)", "-", _pm(ll, se, 1)] + ["-"] * 6) + " |")
     for name, metrics in rows.items():
-        lines.append("| " + " | ".join([name] + _table_cells(metrics)[keep]) + " |")
+        lines.append("| " + " | ".join(without_parzen([name] + _table_cells(metrics))) + " |")
     return "\n".join(lines)

@@ -203,14 +203,27 @@ def test_nearest_training_images_matches_brute_force():
 
 
 def test_results_table_lists_the_paper_and_our_rows():
-    row = {"parzen_ll": 230.0, "parzen_se": 2.0, "fd": 3.2, "kid_mean": 0.1, "kid_std": 0.05,
+    row = {"n_samples": 10000, "parzen_ll": 230.0, "parzen_se": 2.0, "fd": 3.2, "kid_mean": 0.1, "kid_std": 0.05,
            "score": 9.1, "precision": 0.7, "recall": 0.6, **{f"frac_{d}": 0.1 for d in range(10)}}
     table = gm.results_table({"Ours": row, "Partial": {"fd": 5.0}})
     lines = table.splitlines()
-    assert lines[0].startswith("| Model | Parzen LL (nats) | FD | KID | Score | Precision | Recall")
-    assert "| Adversarial nets (paper) | 225.0 ± 2.0 | - |" in table
-    assert "| Ours | 230.0 ± 2.0 | 3.20 | 0.1000 ± 0.0500 | 9.10 | 0.700 | 0.600 | 0.100 / 0.100 |" in table
-    assert "| Partial | - | 5.00 | - |" in table and len(lines) == 2 + 4 + 2
+    assert lines[0] == ("| Model | Samples | Parzen LL (nats, ± s.e.) | FD | KID (mean ± sd of 100 subsets) | Score | "
+                        "Precision | Recall | min/max digit share |")
+    assert "| Adversarial nets (paper) | - | 225.0 ± 2.0 | - |" in table
+    assert "| Ours | 10,000 | 230.0 ± 2.0 | 3.20 | 0.1000 ± 0.0500 | 9.10 | 0.700 | 0.600 | 0.100 / 0.100 |" in table
+    assert "| Partial | - | - | 5.00 | - |" in table and len(lines) == 2 + 4 + 2
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    colour = gm.results_table({"Ours": row}, paper=False, share="class").splitlines()
+    assert colour[0].startswith("| Model | Samples | FD | KID") and "Parzen" not in colour[0]
+    assert colour[2] == "| Ours | 10,000 | 3.20 | 0.1000 ± 0.0500 | 9.10 | 0.700 | 0.600 | 0.100 / 0.100 |"
+    assert all(line.count("|") == colour[0].count("|") for line in colour)
+
+
+def test_uint8_images_for_inception_round_to_the_nearest_level():
+    levels = torch.arange(256, dtype=torch.uint8)
+    model_range = levels.float() / 127.5 - 1  # what a real image is after the notebooks' preprocessing
+    assert torch.equal(gm.to_uint8(model_range), levels)  # truncating would give 63 levels one lower
+    assert gm.to_uint8(torch.tensor([-1.5, 1.5])).tolist() == [0, 255]
 
 
 def test_time_to_quality_names_the_first_epoch_at_each_level():
@@ -222,7 +235,9 @@ def test_time_to_quality_names_the_first_epoch_at_each_level():
         "score >= 7.0: epoch 1, after 0.5 min of training",
         "score >= 9.0: epoch 3, after 1.5 min of training",  # reached exactly counts; the dip after does not matter
         "score >= 9.5: not reached"]
-    assert gm.time_to_quality([], levels=(3.0,), key="fd") == ["fd >= 3.0: not reached"]
+    fd = [{"epoch": 1, "train_seconds": 60.0, "fd": 4.0}, {"epoch": 2, "train_seconds": 120.0, "fd": 2.5}]
+    assert gm.time_to_quality(fd, levels=(3.0, 1.0), key="fd") == [  # lower is better
+        "fd <= 3.0: epoch 2, after 2.0 min of training", "fd <= 1.0: not reached"]
 
 
 def test_memorisation_ratio_and_a_test_set_that_copies_the_training_set():
