@@ -384,7 +384,7 @@ def main(argv=None) -> dict:
         return dcgan_main(args)
 
     cfg = gu.notebook_defaults(NOTEBOOK)
-    if args.batch_size:
+    if args.batch_size is not None:
         cfg["batch_size"] = args.batch_size
     if args.r1_gamma is not None:
         cfg["r1_gamma"] = args.r1_gamma
@@ -395,6 +395,13 @@ def main(argv=None) -> dict:
     for name in ("g_hidden", "d_hidden"):
         if getattr(args, name):
             cfg[name] = getattr(args, name)
+    try:  # the notebook's own rules, before minutes of timing: --batch-size 0, --r1-every 0, ...
+        gu.validate_parameters(cfg)
+        if args.seconds <= 0 or args.score_epochs < 0 or args.profile < 0:
+            raise gu.ParameterError(f"--seconds ({args.seconds}) must be positive, --score-epochs "
+                                    f"({args.score_epochs}) and --profile ({args.profile}) 0 or more")
+    except gu.ParameterError as exc:
+        parser.error(str(exc))
     device = gu.pick_device(args.device)
     precision_setting = cfg["matmul_precision"]
     cfg["matmul_precision"], precision_reason = gs.resolve_matmul_precision(precision_setting, device)

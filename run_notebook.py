@@ -229,6 +229,13 @@ def main(argv=None) -> int:
         run_dir = Path("runs") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     params["run_dir"] = str(run_dir)
     output = Path(args.output) if args.output else run_dir / Path(args.notebook).name
+    if not Path(args.notebook).is_file():  # before any directory is made for a run that cannot start
+        say(f"Not started: no notebook {args.notebook!r} here (make run NOTEBOOK=... takes Vanilla_GAN.ipynb "
+            "or DCGAN.ipynb, from the repository's root).")
+        return 2
+    if args.output and not output.parent.is_dir():
+        say(f"Not started: the directory of -o {args.output!r} does not exist; create it or choose another.")
+        return 2
     try:
         refuse_taken_run_dir(run_dir, params)
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -90,6 +90,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         gu.validate_parameters(recipe(a))
     except gu.ParameterError as exc:
         p.error(str(exc))
+    # The script's own options, checked now rather than after the training they would end.
+    if a.epochs < 1:
+        p.error(f"--epochs {a.epochs}: train at least 1 epoch")
+    if a.final_samples and not a.final_samples >= gu.KNN_MIN_SAMPLES:
+        p.error(f"--final-samples {a.final_samples}: precision and recall need at least {gu.KNN_MIN_SAMPLES} "
+                "samples; 0 skips the final scores")
+    if any(not 0 < d < 1 for d in a.also_ema):
+        p.error(f"--also-ema {a.also_ema}: each decay is a number between 0 and 1 (e.g. 0.9995)")
+    if any(not 1 <= e <= a.epochs for e in a.score_at):
+        p.error(f"--score-at {a.score_at}: each epoch is between 1 and --epochs ({a.epochs})")
+    try:
+        gu.pick_device(a.device)
+    except (gu.ParameterError, RuntimeError) as exc:  # RuntimeError: not a device name at all
+        p.error(f"--device {a.device!r}: {exc}")
+    for path in (a.out, a.save_weights):  # a missing directory fails now, not after hours of training
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     return a
 
 
@@ -176,10 +193,9 @@ def main(argv=None) -> dict:
             nb["recalibrate_batchnorm"](averaged, a.latent_dim, seed=a.seed)
             result["final_also_ema"][str(decay)] = final_scores_of(averaged)
             print(json.dumps({"ema_decay": decay, **result["final_also_ema"][str(decay)]}), flush=True)
+    gu.write_json(a.out, result)  # first: the scores are what a sweep is for
     if a.save_weights:
         torch.save({key: parts[key].state_dict() for key in ("G", "D", "G_ema")}, a.save_weights)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    gu.write_json(a.out, result)
     return result
 
 

@@ -131,7 +131,7 @@ def test_checkpoint_loads_into_the_notebooks_networks(run, definitions):
     ck = run_safety.load_checkpoint(run.run_dir / "checkpoint.pt")
     G = definitions["Generator"](100, batchnorm=True)
     G.load_state_dict(ck["G_ema"])
-    D = definitions["Discriminator"](dropout=0.3)
+    D = definitions["Discriminator"](ck["config"]["d_hidden"], dropout=0.3)  # "auto" widths differ by CPU
     D.load_state_dict(ck["D"])
     with torch.no_grad():
         assert D.eval()(G.eval()(ck["fixed_noise"])).shape == (64,)

@@ -773,3 +773,17 @@ def test_runner_finishes_and_refuses_a_finished_run_dir(toy_notebook, tmp_path):
     assert again.finish() == 2
     assert "Not started: run_dir = " in again.output and "already holds a run" in again.output
     assert (run_dir / "toy.ipynb").read_bytes() == executed
+
+
+def test_runner_refuses_a_missing_notebook_before_making_a_run_directory(tmp_path, capfd):
+    sys.path.insert(0, str(REPO_ROOT))
+    import run_notebook
+    run_dir = tmp_path / "run"
+    handlers = {signum: signal.getsignal(signum) for signum in run_notebook.STOP_SIGNALS}
+    try:
+        assert run_notebook.main(["typo.ipynb", "-p", "run_dir", str(run_dir)]) == 2
+    finally:  # main() installs its stop handlers first thing: give pytest's back
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert "Not started: no notebook 'typo.ipynb'" in capfd.readouterr().err  # the runner writes to fd 2
+    assert not run_dir.exists()

@@ -1,6 +1,7 @@
 """The fast path's logic, checked on the CPU: no host sync inside a training step, the reuse of the
 fakes for G's step, and the benchmark's output."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -69,19 +70,27 @@ def test_the_whole_recipe_step_never_reads_values_to_the_host(nb):
     assert recorder.calls == []
 
 
-def test_reusing_the_fakes_gives_the_generator_the_same_gradient_as_fresh_fakes(nb):
+def test_reusing_the_fakes_gives_the_generator_step_of_algorithm_1(nb):
     # adversarial_update reuses the D step's fakes for G's step. With the same z that is exactly the G step of
-    # Algorithm 1 (after D's update): check against an explicit second forward pass.
-    G, D, opt_G, opt_D = make_pair(nb, batchnorm=False)
-    D.eval()  # no dropout, so both routes see the same D
-    z = torch.randn(8, 16)
-    fake = G(z)
-    D.requires_grad_(False)
-    nb["generator_loss"](D(fake)).backward()
-    reused = [p.grad.clone() for p in G.parameters()]
-    G.zero_grad()
-    nb["generator_loss"](D(G(z))).backward()
-    for a, b in zip(reused, (p.grad for p in G.parameters())):
+    # Algorithm 1 after D's update: check both networks against an explicit D step, then a fresh G forward
+    # through the updated D (which a G step on the stale logits of the D step would fail).
+    torch.manual_seed(0)
+    G, D = nb["Generator"](16, batchnorm=False), nb["Discriminator"](dropout=0.0)  # no dropout: one D
+    G2, D2 = copy.deepcopy(G), copy.deepcopy(D)
+    opt_G, opt_D, opt_G2, opt_D2 = (torch.optim.Adam(m.parameters(), lr=1e-3, betas=(0.5, 0.999)) for m in (G, D, G2, D2))
+    real = torch.rand(8, 784) * 2 - 1
+    torch.manual_seed(1)
+    nb["adversarial_update"](G, D, opt_G, opt_D, real, 16)
+
+    torch.manual_seed(1)
+    z = torch.randn(8, 16)  # the draw adversarial_update made
+    opt_D2.zero_grad()
+    nb["discriminator_loss"](D2(real), D2(G2(z).detach())).backward()
+    opt_D2.step()
+    opt_G2.zero_grad()
+    nb["generator_loss"](D2(G2(z))).backward()  # fresh fakes, the updated D
+    opt_G2.step()
+    for a, b in zip([*G.parameters(), *D.parameters()], [*G2.parameters(), *D2.parameters()]):
         torch.testing.assert_close(a, b)
 
 
@@ -218,3 +227,12 @@ def test_benchmark_times_a_short_training_run_to_the_target_score(tmp_path, data
     else:
         assert timed["epoch"] is None and timed["epochs_run"] == 2 and 1 <= timed["best_score"] <= 10
     assert [row["epoch"] for row in timed["curve"]] == list(range(1, timed["epochs_run"] + 1))
+
+
+@pytest.mark.parametrize("argv, message", [(["--batch-size", "0"], "batch_size = 0"), (["--r1-every", "0"], "r1_every = 0"),
+                                           (["--score-epochs", "-1"], "--score-epochs (-1)")])
+def test_benchmark_refuses_bad_options_before_timing_anything(argv, message, capsys):
+    import benchmark
+    with pytest.raises(SystemExit):
+        benchmark.main(argv)
+    assert message in capsys.readouterr().err

@@ -23,7 +23,12 @@ def test_options_are_typed_like_the_notebooks_parameters():
 
 @pytest.mark.parametrize("argv, message", [(["--beta1", "1.5"], "beta1 = 1.5"), (["--g-loss", "hinge"], "g_loss"),
                                            (["--g-batchnorm", "maybe"], "expected 1/0"),
-                                           (["--d-hidden", "wide"], "expected layer widths"), (["--d-hidden", "0"], "d_hidden = [0]")])
+                                           (["--d-hidden", "wide"], "expected layer widths"), (["--d-hidden", "0"], "d_hidden = [0]"),
+                                           # the script's own options: refused before training, not after it
+                                           (["--final-samples", "3"], "at least 4 samples"), (["--final-samples", "-1"], "at least 4"),
+                                           (["--epochs", "0"], "at least 1 epoch"), (["--also-ema", "1.5"], "between 0 and 1"),
+                                           (["--epochs", "5", "--score-at", "9"], "between 1 and --epochs (5)"),
+                                           (["--device", "bogus"], "--device 'bogus'")])
 def test_bad_settings_are_refused_with_the_notebooks_rules(argv, message, capsys):
     with pytest.raises(SystemExit):
         sweep.parse_args(argv)
