@@ -35,7 +35,7 @@ run-dcgan:
 	$(MAKE) run NOTEBOOK=DCGAN.ipynb
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -rs tests  # -rs: any skipped test is listed with its reason
 
 # Jupyter itself is installed on first use only (CI and headless runs do not need it).
 jupyter: $(VENV)/.installed
