@@ -310,6 +310,9 @@ def main(argv=None) -> None:
             "lr": args.lr, "seed": args.seed, "bf16": not args.float32,
             "train_seconds": round(seconds, 1), "threads": args.threads, "cpu": cpu_model(),
             "train_source": train.source, "test_source": test.source, "torch": str(torch.__version__)}
+    if result["acc"] < 0.85 and Path(args.out).resolve() == Path(DEFAULT_WEIGHTS).resolve():
+        raise SystemExit(f"test accuracy {100 * result['acc']:.2f}% is below the 85% the metrics assume: not "
+                         f"written over the reference weights {DEFAULT_WEIGHTS}. Pass --out elsewhere to keep it.")
     path = save_classifier(model, args.out, meta)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     if result["acc"] < 0.85:

@@ -228,6 +228,9 @@ def main(argv=None) -> None:
     # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses.
     meta = {"val_acc": val_acc, "test_acc": test_acc, "epochs": args.epochs, "seed": args.seed,
             "train_seconds": round(seconds, 1), "threads": args.threads, "torch": str(torch.__version__)}
+    if test_acc < 0.992 and Path(args.out).resolve() == Path(DEFAULT_WEIGHTS).resolve():
+        raise SystemExit(f"test accuracy {100 * test_acc:.2f}% is below the 99.2% the metrics assume: not "
+                         f"written over the reference weights {DEFAULT_WEIGHTS}. Pass --out elsewhere to keep it.")
     path = save_classifier(model, args.out, meta)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     if test_acc < 0.992:

@@ -274,6 +274,24 @@ def test_train_classifier_runs_and_fits_the_normalisation(splits):
     assert model.features(splits.train_x[:512]).mean(0).abs().max() < 1e-3
 
 
+def test_a_classifier_below_the_accuracy_bar_is_not_written_over_the_reference(tmp_path, monkeypatch, data_dir):
+    import mnist_classifier
+    reference = tmp_path / "mnist_classifier.pt"  # stands in for the committed weights
+    reference.write_bytes(b"committed")
+    monkeypatch.setattr(mnist_classifier, "DEFAULT_WEIGHTS", reference)
+    untrained = lambda *a, **k: mnist_classifier.MnistClassifier().eval()  # noqa: E731  ~10% accuracy
+    monkeypatch.setattr(mnist_classifier, "train_classifier", untrained)
+    threads = torch.get_num_threads()  # main() sets its own (--threads): the tests after this keep theirs
+    try:
+        with pytest.raises(SystemExit, match=r"below the 99.2% .*not written over the reference weights"):
+            mnist_classifier.main(["--data-dir", str(data_dir)])
+        assert reference.read_bytes() == b"committed"
+        mnist_classifier.main(["--data-dir", str(data_dir), "--out", str(tmp_path / "mine.pt")])  # elsewhere: kept
+        assert (tmp_path / "mine.pt").stat().st_size > 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_missing_weights_name_the_file_and_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.pt.*python mnist_classifier\.py"):
         load_classifier(tmp_path / "nope.pt")
