@@ -225,6 +225,16 @@ def injected_parameters(history: list[str]) -> dict:
     return values
 
 
+def misspelt_parameters(namespace: dict, rules: dict = PARAMETER_RULES) -> dict:
+    """Names in `namespace` (the notebook's globals()) that differ from a parameter only in case, such
+    as `lr_D = 1e-4` typed in a new cell: the notebook reads `lr_d`, so it would be ignored without a
+    word. validate_parameters() then names each as an unknown parameter and says which one was meant."""
+    lowered = {name.lower() for name in rules}
+    return {k: v for k, v in namespace.items()
+            if k not in rules and not k.startswith("_") and k.lower() in lowered
+            and isinstance(v, (bool, int, float, str, list, tuple, type(None)))}
+
+
 def validate_parameters(config: dict, rules: dict = PARAMETER_RULES) -> None:
     """Check every parameter against `rules` before any work; one error lists each bad one and what
     it may be."""
@@ -234,7 +244,7 @@ def validate_parameters(config: dict, rules: dict = PARAMETER_RULES) -> None:
             problems.append(f"{name} is no longer a parameter: {RETIRED_PARAMETERS[name]}; drop it")
             continue
         if name not in rules:
-            close = difflib.get_close_matches(name, rules, n=1)
+            close = [r for r in rules if r.lower() == name.lower()] or difflib.get_close_matches(name, rules, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"unknown parameter {name!r}{hint}")
             continue

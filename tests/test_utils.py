@@ -270,6 +270,16 @@ def test_training_after_a_restore_leaves_the_restored_state_as_it_was():
         assert torch.equal(state["opt"]["state"][0][key], first["opt"]["state"][0][key])
 
 
+def test_a_parameter_typed_in_the_wrong_case_in_a_new_cell_is_refused_not_ignored(defaults):
+    namespace = {**defaults, "lr_D": 1e-4, "Epochs": 80, "G": torch.nn.Linear(1, 1), "_lr_d": 0.1}
+    assert gu.misspelt_parameters(namespace) == {"lr_D": 1e-4, "Epochs": 80}
+    with pytest.raises(gu.ParameterError) as info:
+        gu.validate_parameters({**defaults, **gu.misspelt_parameters(namespace)})
+    msg = str(info.value)
+    assert "unknown parameter 'lr_D' (did you mean 'lr_d'?)" in msg  # not lr_g, as close by spelling
+    assert "unknown parameter 'Epochs' (did you mean 'epochs'?)" in msg
+
+
 def test_settings_the_setup_cells_used_cannot_change_in_the_training_cell(defaults):
     gu.check_setup_unchanged(defaults, {**defaults, "epochs": 80, "lr_g": 1e-4})  # the training cell applies these
     with pytest.raises(gu.ParameterError) as info:
