@@ -619,9 +619,14 @@ TEST_SPLIT_NAMES = ("test", "val", "valid", "validation")  # in this order of pr
 
 def _split_folders(folder: Path) -> tuple[Path | None, Path | None]:
     """`folder`'s train/ and test/ (or val/, valid/, validation/) subfolders, any case; None where
-    there is none. Without this, train/ and val/ would be read as two classes and both trained on."""
+    there is none. Without this, train/ and val/ would be read as two classes and both trained on.
+    A train/ without a test split beside other subfolders is a class, not a split (CIFAR-100 has a
+    class "train")."""
     subdirs = {e.name.lower(): Path(e.path) for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")}
-    return subdirs.get("train"), next((subdirs[n] for n in TEST_SPLIT_NAMES if n in subdirs), None)
+    train, test = subdirs.get("train"), next((subdirs[n] for n in TEST_SPLIT_NAMES if n in subdirs), None)
+    if train is None or (test is None and len(subdirs) > 1):
+        return None, None
+    return train, test
 
 
 def _folder_splits(train_dir: Path, test_dir: Path, image_size: int, cache_dir, progress: bool) -> tuple[ImageSet, ImageSet]:

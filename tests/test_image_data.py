@@ -452,6 +452,13 @@ def test_split_folders_are_not_mistaken_for_classes(tmp_path, train_name, test_n
         assert test is None and "no test/ (or val/)" in capsys.readouterr().out
 
 
+def test_a_class_named_train_beside_other_classes_stays_a_class(tmp_path):
+    for cls in ("apple", "train", "tulip"):  # CIFAR-100 has a class "train"
+        save(tmp_path / "c100" / cls / "0.png", rgb(10, 10))
+    train, test = idt.load_dataset(str(tmp_path / "c100"), tmp_path, 8, progress=False)
+    assert test is None and train.class_names == ["apple", "train", "tulip"] and len(train) == 3
+
+
 def test_load_dataset_cifar10(tmp_path):
     write_tiny_cifar(tmp_path)
     train, test = idt.load_dataset("cifar10", tmp_path, 64, download=False)
