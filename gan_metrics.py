@@ -439,8 +439,8 @@ def time_to_quality(history: list[dict], levels=(7.0, 8.0, 9.0), key: str = "sco
     lower_is_better = key == "fd"
     lines = []
     for level in levels:
-        reached = (lambda v: v <= level) if lower_is_better else (lambda v: v >= level)
-        first = next((row for row in history if key in row and reached(row[key])), None)
+        first = next((row for row in history
+                      if key in row and (row[key] <= level if lower_is_better else row[key] >= level)), None)
         lines.append(f"{key} {'<=' if lower_is_better else '>='} {level}: "
                      + (f"epoch {first['epoch']}, after {first['train_seconds'] / 60:.1f} min of training"
                         if first else "not reached"))

@@ -189,9 +189,12 @@ def epoch_grid_paths(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(Path(run_dir, "grids").glob("epoch_*.png"), key=lambda p: int(p.stem.split("_")[1]))
 
 
-def _inside(checkpoint: str | os.PathLike, run_dir: Path) -> bool:
-    """True when `checkpoint` lies directly in `run_dir` (resuming that run where it is)."""
-    parent = Path(checkpoint).expanduser().absolute().parent
+def _resumes_here(resume: str | os.PathLike, run_dir: Path) -> bool:
+    """True when the `resume` checkpoint lies directly in `run_dir` (resuming that run where it is);
+    False for resume = '' (a new run)."""
+    if not resume:
+        return False
+    parent = Path(resume).expanduser().absolute().parent
     try:
         return parent.exists() and run_dir.exists() and os.path.samefile(parent, run_dir)
     except OSError:
@@ -201,7 +204,7 @@ def _inside(checkpoint: str | os.PathLike, run_dir: Path) -> bool:
 def _refuse_other_run(path: Path, resume: str, overwrite: bool) -> None:
     """ParameterError when `path` holds a run that this one would overwrite or mix its files into."""
     files = run_files(path)
-    if not files or overwrite or (resume and _inside(resume, path)):
+    if not files or overwrite or _resumes_here(resume, path):
         return
     names = [str(f.relative_to(path)) for f in files]
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
@@ -343,7 +346,7 @@ def check_run_dir(run_dir: str | os.PathLike, resume: str = "", overwrite: bool 
     pid = lock_holder(path)
     if pid is not None:
         raise ParameterError(_busy_message(path, pid))
-    if _own_lock(path) is not None and run_files(path) and not (resume and _inside(resume, path)):
+    if _own_lock(path) is not None and run_files(path) and not _resumes_here(resume, path):
         # This kernel's own run, from an earlier run of the setup cells: overwrite = True would
         # delete the run that is open here.
         raise ParameterError(
@@ -373,7 +376,7 @@ def claim_run_dir(run_dir: str | os.PathLike, resume: str = "", overwrite: bool 
     lock = lock or _acquire_lock(path)
     try:
         _refuse_other_run(path, resume, overwrite)  # again: nobody else can start there now
-        if overwrite and not (resume and _inside(resume, path)):  # never the run being resumed
+        if overwrite and not _resumes_here(resume, path):  # never the run being resumed
             clear_run_files(path)
     except BaseException:
         if fresh:
@@ -423,12 +426,17 @@ def notebook_of_run(run_dir: str | os.PathLike) -> str:
         return DEFAULT_NOTEBOOK
 
 
+def _make_run_in(run_dir: str | os.PathLike) -> str:
+    """`make run [NOTEBOOK=...] RUN_DIR=...` for the notebook whose run is in `run_dir`, quoted."""
+    notebook = notebook_of_run(run_dir)
+    which = "" if notebook == DEFAULT_NOTEBOOK else f"NOTEBOOK={shlex.quote(notebook)} "
+    return f"make run {which}RUN_DIR={shlex.quote(str(run_dir))}"
+
+
 def restart_command(run_dir: str | os.PathLike) -> str:
     """The shell command that starts a run afresh in `run_dir`, deleting the files of the run that
     stopped there before its first checkpoint (overwrite: nothing to resume is lost)."""
-    notebook = notebook_of_run(run_dir)
-    which = "" if notebook == DEFAULT_NOTEBOOK else f"NOTEBOOK={shlex.quote(notebook)} "
-    return f'make run {which}RUN_DIR={shlex.quote(str(run_dir))} PARAMS="-p overwrite True"'
+    return f'{_make_run_in(run_dir)} PARAMS="-p overwrite True"'
 
 
 def resume_command(checkpoint: str | os.PathLike) -> str:
@@ -436,9 +444,7 @@ def resume_command(checkpoint: str | os.PathLike) -> str:
     make passes PARAMS to the shell unquoted, so the path inside it carries its own quotes."""
     checkpoint = Path(checkpoint)
     params = "-p resume " + shlex.quote(str(checkpoint))
-    notebook = notebook_of_run(checkpoint.parent)
-    which = "" if notebook == DEFAULT_NOTEBOOK else f"NOTEBOOK={shlex.quote(notebook)} "
-    return f"make run {which}RUN_DIR={shlex.quote(str(checkpoint.parent))} PARAMS={_double_quoted(params)}"
+    return f"{_make_run_in(checkpoint.parent)} PARAMS={_double_quoted(params)}"
 
 
 def resume_message(checkpoint: Path, epoch: int) -> str:
