@@ -5,6 +5,7 @@
 * `resolve_d_hidden`: what `d_hidden = "auto"` means here (D's hidden widths: 1024-512-256 on a GPU or
   a CPU with AMX, 768-384-192 on a CPU without AMX, where a step is FLOP-bound; a resumed run keeps
   the checkpoint's).
+* `conv_memory_format`: the layout of a convolutional network's weights (channels_last on a CPU).
 * `step_runner`: the notebook's training step either as written (eager, the reference) or captured
   in CUDA graphs (`cuda_graphs = True`): one graph per kind of step, replayed with no Python or kernel
   launch overhead. The notebooks split their step into `step_schedule` (what a step does: a function
@@ -97,6 +98,14 @@ def resolve_d_hidden(d_hidden, device: torch.device, model_config: dict | None =
                                                "22% fewer FLOPs a step, the same scores"),
                    }[_hardware(device, amx)]
     return list(widths), "auto: " + why
+
+
+def conv_memory_format(device: torch.device) -> torch.memory_format:
+    """The memory layout for a convolutional network's weights: channels_last on a CPU, where oneDNN's
+    convolutions run in that layout natively (DCGAN.ipynb's step trained 1.17x the images per second,
+    docs/experiments.md, "DCGAN on CIFAR-10"); unchanged elsewhere (untimed on GPUs). The weights' layout
+    is only how they lie in memory: the networks compute the same function, to float32 rounding."""
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.preserve_format
 
 
 # --------------------------------------------------------------------------------------------

@@ -603,8 +603,22 @@ def restore_training_state(state: dict, parts: dict) -> tuple[list, int]:
     `state`, and loading it again (a second rollback, the build cell run again) would be inexact."""
     for key, part in parts.items():
         part.load_state_dict(copy.deepcopy(state[key]))
+        if isinstance(part, torch.optim.Optimizer):
+            lay_out_like_params(part)
     set_rng_state(state["rng"])
     return copy.deepcopy(state["history"]), state["epoch"]
+
+
+def lay_out_like_params(optimizer: torch.optim.Optimizer) -> None:
+    """Give each of the optimizer's state tensors its parameter's memory layout (strides). A model's
+    load_state_dict keeps the model's layout, an optimizer's keeps the saved one; the fused Adam kernel
+    reads a parameter and its moments element by element in memory order, so a checkpoint written in
+    another layout (channels_last on a CPU, not on a GPU, or by an older version) would silently
+    pair the wrong numbers. The values are unchanged."""
+    for param, state in optimizer.state.items():
+        for name, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def roll_back(state: dict, parts: dict, checkpoint_path: Path, run_path: Path) -> tuple[list, int]:
@@ -697,9 +711,11 @@ def notebook_defaults(notebook: str | os.PathLike, rules: dict = PARAMETER_RULES
 def load_notebook_definitions(notebook: str | os.PathLike, tag: str = "gan-core") -> dict:
     """Execute the notebook's cells tagged `tag` (class and function definitions only) in a fresh
     namespace and return it: the networks, losses and training step exactly as the notebook defines
-    them. The cells see copy, math, torch, nn, F and gu (this module) as the notebook's first cell imports them."""
+    them. The cells see copy, math, torch, nn, F, gu (this module) and gs (gan_speed) as the notebook's
+    first cell imports them."""
     import torch.nn.functional as F
+    import gan_speed  # here, not at the top: gan_speed needs nothing of this module, nor this module of it
     namespace = {"__name__": Path(notebook).stem, "copy": copy, "math": math, "torch": torch, "nn": torch.nn,
-                 "F": F, "gu": sys.modules[__name__]}
+                 "F": F, "gu": sys.modules[__name__], "gs": gan_speed}
     exec(compile(notebook_cells_source(notebook, tag), str(notebook), "exec"), namespace)
     return namespace
