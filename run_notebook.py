@@ -39,6 +39,9 @@ from pathlib import Path
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 KERNEL_LOG = "kernel.log"  # in the run directory: the kernel process's stderr (see Stopper.kernel_manager_class)
+# Seconds to wait for a cell's last output after the kernel says the cell is done (nbclient's default, 4,
+# aborts a run whose kernel is busy for a moment, e.g. a loaded 2-core machine or a stop being handled).
+IOPUB_TIMEOUT = 60
 
 
 def typed(value: str):
@@ -190,7 +193,7 @@ def execute(args, run_dir: Path, output: Path, stopper: Stopper) -> tuple[int, s
         with open(kernel_log, "ab") as log:
             papermill.execute_notebook(
                 args.notebook, str(output), parameters=args.parameters, kernel_name=args.kernel,
-                log_output=True, progress_bar=not args.no_progress_bar, cwd=args.cwd,
+                log_output=True, progress_bar=not args.no_progress_bar, cwd=args.cwd, iopub_timeout=IOPUB_TIMEOUT,
                 kernel_manager_class=stopper.kernel_manager_class(log), on_cell_start=stopper.before_cell)
     except papermill.PapermillExecutionError as exc:
         if stopper.signals:
@@ -243,7 +246,7 @@ def main(argv=None) -> int:
         say(f"Not started: {exc}")
         return 2
     if stopper.signals:
-        say("Stopped before the notebook started.")
+        say("Stopped before the notebook started. " + resume_report(run_dir))
         return 128 + stopper.signals[0]
     status, message = execute(args, run_dir, output, stopper)
     say(f"{message}\nExecuted notebook: {output}")

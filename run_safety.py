@@ -27,6 +27,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 import weakref
 from datetime import datetime
 from pathlib import Path
@@ -312,6 +313,20 @@ class RunDirLock:
         return f"RunDirLock({str(self.run_dir)!r}, pid={self.pid}, held={self.held})"
 
 
+def _flock_exclusive(fd: int, tries: int = 20, pause: float = 0.025) -> bool:
+    """Take an exclusive flock on `fd` without blocking; False if another process holds the file.
+    A few tries over half a second: lock_holder's probe takes a shared lock for a moment, which must
+    not make a run that starts just then report the directory as in use."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(pause)
+    return False
+
+
 def _acquire_lock(path: Path) -> RunDirLock:
     """Lock `path` for this process or raise ParameterError naming the PID that holds it."""
     try:
@@ -322,9 +337,7 @@ def _acquire_lock(path: Path) -> RunDirLock:
     if fcntl is None:  # pragma: no cover - no flock on this platform: unlocked, as before
         os.close(fd)
         return RunDirLock(path, None)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not _flock_exclusive(fd):
         pid = _read_pid(fd)
         os.close(fd)
         raise ParameterError(_busy_message(path, pid)) from None

@@ -176,6 +176,23 @@ def test_second_process_is_refused_naming_the_pid_until_the_first_dies(tmp_path)
     run_safety.claim_run_dir(run).release()
 
 
+def test_a_probe_of_the_lock_at_that_moment_does_not_refuse_a_starting_run(tmp_path):
+    # lock_holder (any process checking the directory) takes a shared lock for a moment; a run
+    # claiming the directory just then must wait that moment out, not report it as in use.
+    import fcntl
+    run = tmp_path / "run"
+    run_safety.claim_run_dir(run).release()  # the directory and its lock file, free again
+    probe = os.open(run / run_safety.LOCK_FILE, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    timer = threading.Timer(0.1, lambda: fcntl.flock(probe, fcntl.LOCK_UN))
+    timer.start()
+    try:
+        run_safety.claim_run_dir(run).release()
+    finally:
+        timer.join()
+        os.close(probe)
+
+
 def spawn_and_reap() -> int:
     """The PID of a process that has exited (and been reaped)."""
     child = subprocess.Popen(["true"])
@@ -554,6 +571,23 @@ def test_runner_types_values_as_papermill_and_reads_lists():
     assert run_notebook.typed("[512, 256") == "[512, 256"  # left as text: the notebook's check names it
 
 
+def test_runner_stopped_before_the_notebook_starts_says_there_is_nothing_to_resume(tmp_path, monkeypatch, capfd):
+    # A SIGTERM while the runner checks the run directory (before any kernel): the same report as a
+    # stop later on, in-process so that the signal lands exactly there.
+    sys.path.insert(0, str(REPO_ROOT))
+    import run_notebook
+    monkeypatch.setattr(run_notebook, "refuse_taken_run_dir", lambda *args: os.kill(os.getpid(), signal.SIGTERM))
+    handlers = {s: signal.getsignal(s) for s in run_notebook.STOP_SIGNALS}
+    try:
+        status = run_notebook.main([str(REPO_ROOT / "Vanilla_GAN.ipynb"), "-p", "run_dir", str(tmp_path / "run")])
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    err = capfd.readouterr().err
+    assert status == 128 + signal.SIGTERM
+    assert "Stopped before the notebook started." in err and "nothing to resume" in err, err
+
+
 # ------------------------------------------------------------------------------------------------
 # 5: SIGTERM and a second interrupt, in-process
 # ------------------------------------------------------------------------------------------------
@@ -593,7 +627,7 @@ TOY_PARAMETERS = '''run_dir = ""
 epochs = 1000
 epoch_seconds = 0.02
 checkpoint_every = 1
-rollback_delay = 0.0
+rollback_wait = 0.0       # > 0: the rollback waits (at most this long) for the test's second signal
 '''
 
 TOY_SETUP = '''import time
@@ -614,7 +648,11 @@ def snapshot(epoch):
 def roll_back_to(state):
     global w, history, epochs_done
     w, history, epochs_done = state["G"]["w"].clone(), list(state["history"]), state["epoch"]
-    time.sleep(rollback_delay)  # a slow disk: a second signal lands during the save
+    if rollback_wait:  # a slow disk: the test's second signal lands during the save
+        (run_path / "saving").touch()
+        deadline = time.monotonic() + rollback_wait
+        while not (run_path / "second signal sent").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
     run_safety.save_checkpoint(checkpoint_path, state)
 
 last_good = snapshot(0)
@@ -673,7 +711,7 @@ class Trial:
         log = self.run_dir / "completed.log"
         return [int(x) for x in log.read_text().split()] if log.is_file() else []
 
-    def wait_until(self, predicate, timeout=60.0) -> bool:
+    def wait_until(self, predicate, timeout=180.0) -> bool:  # generous: three trials share 2 cores
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
             if predicate():
@@ -687,7 +725,7 @@ class Trial:
         assert len(kids) == 1, "expected one kernel under the runner"
         return kids[0].pid
 
-    def finish(self, timeout=60.0) -> int:
+    def finish(self, timeout=180.0) -> int:
         self.output, _ = self.proc.communicate(timeout=timeout)
         return self.proc.returncode
 
@@ -719,9 +757,10 @@ def check_stopped_trial(trial: Trial, expected_rc: int) -> str:
 
 def run_trial(notebook: Path, base: Path, i: int, kind: str, delay: float) -> str:
     run_dir = base / f"run {i}"  # a space: the printed resume command must quote it
-    params = {"rollback_delay": 0.4, "checkpoint_every": 1000} if "twice" in kind else {}
+    params = {"rollback_wait": 60, "checkpoint_every": 1000} if "twice" in kind else {}
     trial = Trial(notebook, run_dir, **params)
-    if kind == "runner SIGTERM during start-up":
+    if kind == "runner SIGTERM during start-up":  # the runner is up (kernel.log is opened) and the kernel starting
+        assert trial.wait_until(lambda: (run_dir / "kernel.log").exists()), f"trial {i}: the runner did not start"
         time.sleep(delay)
     else:
         assert trial.wait_until(lambda: trial.completed()), f"trial {i}: no epoch completed"
@@ -733,9 +772,11 @@ def run_trial(notebook: Path, base: Path, i: int, kind: str, delay: float) -> st
         send = lambda s: os.kill(trial.proc.pid, s)  # noqa: E731
     first = signal.SIGINT if "SIGINT" in kind.split(" then ")[0] else signal.SIGTERM
     send(first)
-    if "twice" in kind:
-        time.sleep(0.1)
+    if "twice" in kind:  # the second signal while the rollback saves: the kernel says when that is
+        assert trial.wait_until(lambda: (run_dir / "saving").exists()), f"trial {i}: no rollback started"
         send(signal.SIGINT)
+        time.sleep(0.5)  # for its handler to run (in the runner, or in the kernel, which waits for the file)
+        (run_dir / "second signal sent").touch()
     trial.finish()
     if "twice" in kind:  # no checkpoint per epoch: only a rollback save that the second signal did not cut short writes one
         assert (run_dir / "checkpoint.pt").is_file(), f"trial {i}: the second signal cut the save short\n{trial.output}"
@@ -756,7 +797,7 @@ TRIALS = (["runner SIGTERM"] * 6 + ["runner SIGINT", "runner SIGINT twice", "ker
 
 def test_runner_stops_safely_at_random_moments(toy_notebook, tmp_path):
     rng = random.Random(0)
-    jobs = [(i, kind, rng.uniform(0.4, 0.8) if "start-up" in kind else rng.uniform(0.0, 0.4))
+    jobs = [(i, kind, rng.uniform(0.0, 0.4))
             for i, kind in enumerate(TRIALS, 1)]
     with ThreadPoolExecutor(max_workers=3) as pool:
         report = list(pool.map(lambda job: run_trial(toy_notebook, tmp_path, *job), jobs))
