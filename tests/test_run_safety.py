@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import select
 import shlex
 import signal
 import socket
@@ -164,6 +165,8 @@ def test_second_process_is_refused_naming_the_pid_until_the_first_dies(tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK.format(repo=str(REPO_ROOT), run=str(run))],
                               stdout=subprocess.PIPE, text=True)
     try:
+        ready, _, _ = select.select([holder.stdout], [], [], 120)  # a deadline: a stuck holder fails, not hangs CI
+        assert ready, "the lock-holding process did not start within 120 s"
         assert holder.stdout.readline().strip() == "locked"
         for attempt in (run_safety.check_run_dir, run_safety.claim_run_dir):
             with pytest.raises(gu.ParameterError) as info:
