@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from image_data import to_model_range
-from mnist_classifier import FeatureClassifier  # normalise, features, features_and_logits, forward  # uint8 -> [-1, 1], shape kept
+from mnist_classifier import FeatureClassifier, write_classifier  # normalise, features, features_and_logits, forward  # uint8 -> [-1, 1], shape kept
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "cifar10_classifier.pt"
 WEIGHTS_FORMAT = "cifar10-classifier/1"
@@ -310,13 +310,7 @@ def main(argv=None) -> None:
             "lr": args.lr, "seed": args.seed, "bf16": not args.float32,
             "train_seconds": round(seconds, 1), "threads": args.threads, "cpu": cpu_model(),
             "train_source": train.source, "test_source": test.source, "torch": str(torch.__version__)}
-    if result["acc"] < 0.85 and Path(args.out).resolve() == Path(DEFAULT_WEIGHTS).resolve():
-        raise SystemExit(f"test accuracy {100 * result['acc']:.2f}% is below the 85% the metrics assume: not "
-                         f"written over the reference weights {DEFAULT_WEIGHTS}. Pass --out elsewhere to keep it.")
-    path = save_classifier(model, args.out, meta)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
-    if result["acc"] < 0.85:
-        print("WARNING: test accuracy below the 85% the metrics assume")
+    write_classifier(save_classifier, model, args.out, meta, result["acc"], bar=0.85, reference=DEFAULT_WEIGHTS)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # The script's own options, checked now rather than after the training they would end.
     if a.epochs < 1:
         p.error(f"--epochs {a.epochs}: train at least 1 epoch")
-    if a.final_samples and not a.final_samples >= gu.KNN_MIN_SAMPLES:
+    if a.final_samples and a.final_samples < gu.KNN_MIN_SAMPLES:
         p.error(f"--final-samples {a.final_samples}: precision and recall need at least {gu.KNN_MIN_SAMPLES} "
                 "samples; 0 skips the final scores")
     if any(not 0 < d < 1 for d in a.also_ema):

@@ -120,6 +120,8 @@ def run_notebook(tmp_path, data_dir=None, output=None, notebook=NOTEBOOK, **para
     fails; the executed notebook is written to `output` (default tmp_path/"executed.ipynb")."""
     import papermill
 
+    import run_notebook
+
     tmp_path = Path(tmp_path)
     tmp_path.mkdir(parents=True, exist_ok=True)
     full = notebook_params(tmp_path, data_dir if data_dir is not None else data_root_from_env(), **params)
@@ -129,7 +131,7 @@ def run_notebook(tmp_path, data_dir=None, output=None, notebook=NOTEBOOK, **para
     try:
         return papermill.execute_notebook(str(notebook), str(output), parameters=full,
                                           kernel_name="python3", cwd=str(REPO_ROOT), progress_bar=False,
-                                          iopub_timeout=60)  # as run_notebook.py: a loaded machine is no failure
+                                          iopub_timeout=run_notebook.IOPUB_TIMEOUT)  # a loaded machine is no failure
     finally:
         for k, v in saved.items():
             if v is None:
