@@ -2,6 +2,7 @@
 #   make run    trains with the default hyperparameters, headless, into runs/<date-time>/
 #   make run-dcgan  the same for DCGAN.ipynb (colour images; CIFAR-10 by default)
 #   make test   runs the test suite
+#   make export  writes the notebooks' marked cells to gan/vanilla_gan.py and gan/dcgan.py
 #   make jupyter opens the notebook in JupyterLab
 # Point GAN_DATA_DIR at a directory holding MNIST/raw/ to skip the download into data/.
 
@@ -9,25 +10,25 @@ VENV ?= .venv
 PYTHON ?= python3
 # Which notebook `make run` runs: the MNIST MLP GAN, or DCGAN.ipynb (colour images; `make run-dcgan`).
 NOTEBOOK ?= Vanilla_GAN.ipynb
-# Where the run writes. Unset, run_notebook.py picks it as the notebook does: a resumed checkpoint's
+# Where the run writes. Unset, scripts/run_notebook.py picks it as the notebook does: a resumed checkpoint's
 # own directory, else runs/<date-time>/. Exported, so the recipe reads it as "$$RUN_DIR": the shell
 # then takes the value as one word, whatever it holds (spaces, quotes, $).
 export RUN_DIR
 # Passed to the shell as written, so a value with spaces carries its own quotes: PARAMS="-p resume 'runs/my run/checkpoint.pt'"
 PARAMS ?=
 
-.PHONY: run run-dcgan test jupyter clean-venv
+.PHONY: run run-dcgan test export jupyter clean-venv
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
 	touch $@
 
-# run_notebook.py is papermill (same notebook, output, kernel, logged output, -p parameters) plus a
+# scripts/run_notebook.py is papermill (same notebook, output, kernel, logged output, -p parameters) plus a
 # safe stop: Ctrl-C or SIGTERM interrupts the kernel, which saves a checkpoint, and the command to
 # resume is printed here. exec: make's SIGTERM then reaches the runner itself, not a shell around it.
 run: $(VENV)/.installed
-	exec $(VENV)/bin/python run_notebook.py $(NOTEBOOK) $${RUN_DIR:+-p run_dir "$$RUN_DIR"} $(PARAMS)
+	exec $(VENV)/bin/python scripts/run_notebook.py $(NOTEBOOK) $${RUN_DIR:+-p run_dir "$$RUN_DIR"} $(PARAMS)
 
 # DCGAN.ipynb with its defaults on CIFAR-10 (from GAN_DATA_DIR, else downloaded into data/); point it
 # at a folder of images with PARAMS="-p dataset /path/to/folder".
@@ -36,6 +37,10 @@ run-dcgan:
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -rs tests  # -rs: any skipped test is listed with its reason
+
+# After editing a cell marked `# exported to gan/...`: the scripts and DCGAN.ipynb import the module.
+export: $(VENV)/.installed
+	$(VENV)/bin/python scripts/export_notebooks.py
 
 # Jupyter itself is installed on first use only (CI and headless runs do not need it).
 jupyter: $(VENV)/.installed

@@ -10,6 +10,7 @@ that damage files work on copies in their own tmp_path.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import sys
@@ -21,11 +22,13 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / "Vanilla_GAN.ipynb"
-if str(REPO_ROOT) not in sys.path:  # `import gan_utils` from the repository root, wherever pytest runs
-    sys.path.insert(0, str(REPO_ROOT))
+# `import gan_utils` and `from gan import ...` from the repository root, and the scripts by name
+# (`import sweep`), wherever pytest runs.
+for path in (REPO_ROOT, REPO_ROOT / "scripts"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
-import gan_utils  # noqa: E402
-import mnist_data  # noqa: E402
+from gan import errors, mnist_data, runs  # noqa: E402
 
 RAW_NAMES = [spec.name for spec in mnist_data.MNIST_FILES.values()]
 
@@ -53,7 +56,7 @@ def pytest_sessionstart(session):
     root = data_root_from_env()
     try:
         mnist_data.ensure_mnist(root, download=True, timeout=10)
-    except mnist_data.DataError as exc:
+    except errors.DataError as exc:
         pytest.exit(f"The tests need MNIST. {exc}", returncode=3)
 
 
@@ -61,6 +64,19 @@ def pytest_sessionstart(session):
 def data_dir() -> Path:
     """The directory holding MNIST/raw/ (GAN_DATA_DIR, or data/; made complete at session start)."""
     return data_root_from_env()
+
+
+@pytest.fixture(scope="session")
+def splits(data_dir):
+    """MNIST from `data_dir` ($GAN_DATA_DIR, default data/; downloaded at session start if missing)."""
+    return mnist_data.load_mnist(data_dir, download=False)
+
+
+@pytest.fixture(scope="session")
+def classifier():
+    """The committed MNIST reference classifier."""
+    from gan.mnist_classifier import load_classifier
+    return load_classifier()
 
 
 @pytest.fixture
@@ -159,7 +175,7 @@ def notebook_text(nb) -> str:
 
 def metrics_rows(run_dir: Path) -> list[dict]:
     """metrics.csv without the wall-time and memory columns, for exact comparison between runs."""
-    return without_machine_columns(gan_utils.read_metrics_csv(Path(run_dir) / "metrics.csv"))
+    return without_machine_columns(runs.read_metrics_csv(Path(run_dir) / "metrics.csv"))
 
 
 def without_machine_columns(rows) -> list[dict]:
@@ -216,3 +232,39 @@ def notebook_runs(tmp_path_factory):
 def tiny_run(notebook_runs, data_dir) -> NotebookRun:
     """The default tiny run (2 epochs, seed 0, final evaluation on 500 samples), run once per session."""
     return notebook_runs()
+
+
+def names_used_before_defined(notebook: Path) -> list[tuple[int, str, int]]:
+    """(cell, name, the cell that first defines it) for each global name a code cell uses (at its top
+    level or inside its functions) that only a later cell defines: the notebook would not read straight
+    down, and Restart & Run All would depend on what runs when. Cells are numbered from 1."""
+    import symtable
+
+    def globals_of(source: str) -> tuple[set, set]:
+        used, defined = set(), set()
+
+        def walk(table):
+            for symbol in table.get_symbols():
+                name = symbol.get_name()
+                if table.get_type() == "module":
+                    if symbol.is_assigned() or symbol.is_imported():
+                        defined.add(name)
+                    if symbol.is_referenced():
+                        used.add(name)
+                elif symbol.is_global() and symbol.is_referenced():
+                    used.add(name)
+            for child in table.get_children():
+                walk(child)
+
+        walk(symtable.symtable(source, "cell", "exec"))
+        return used, defined
+
+    cells = [(number, "".join(c["source"])) for number, c in enumerate(json.loads(Path(notebook).read_text())["cells"], 1)
+             if c["cell_type"] == "code"]
+    first, uses = {}, []
+    for number, source in cells:
+        used, defined = globals_of(source)
+        uses.append((number, used))
+        for name in defined:
+            first.setdefault(name, number)
+    return sorted((number, name, first[name]) for number, used in uses for name in used if first.get(name, 0) > number)

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import cifar_classifier as cc
-import gan_metrics
-from image_data import decode_image, to_model_range
+from gan import cifar_classifier as cc
+from gan import metrics as gm
+from gan.image_data import decode_image
+from gan_utils import to_model_range
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -56,7 +57,7 @@ def test_committed_weights_load_with_their_metadata(classifier):
 
 def test_known_answers_on_real_test_images(classifier, real_sample):
     images, labels = real_sample
-    feats, probs = gan_metrics.classifier_outputs(classifier, to_model_range(images))  # the metrics' path
+    feats, probs = gm.classifier_outputs(classifier, to_model_range(images))  # the metrics' path
     assert feats.shape == (500, cc.FEATURE_DIM) and probs.shape == (500, 10)
     accuracy = (probs.argmax(1) == labels).float().mean().item()
     assert accuracy >= 0.8, f"accuracy {accuracy:.3f} on 500 real test images"

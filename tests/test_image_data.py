@@ -18,8 +18,9 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-import image_data as idt
-from mnist_data import DataError
+import gan_utils as gu
+from gan import image_data as idt
+from gan.errors import DataError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -405,7 +406,7 @@ def test_mnist32(data_dir):
 
 def test_to_model_range_and_resize():
     x = torch.tensor([0, 255], dtype=torch.uint8).repeat(2, 3, 4, 2)  # (2, 3, 8, 4)... any shape
-    y = idt.to_model_range(x)
+    y = gu.to_model_range(x)
     assert y.shape == x.shape and y.dtype == torch.float32 and y.min() == -1 and y.max() == 1
     imgs = torch.full((3, 3, 32, 32), 200, dtype=torch.uint8)
     assert idt.resize_images(imgs, 32) is imgs

@@ -4,27 +4,17 @@ MNIST is found through $GAN_DATA_DIR (default data/; conftest.py downloads it at
 stops the run saying how). Whole file: well under a minute on two CPU cores.
 """
 
-import math
+from __future__ import annotations
 
+import math
 import numpy as np
 import pytest
 import torch
 from scipy.stats import multivariate_normal
 
-import gan_metrics as gm  # the repository root is on sys.path through conftest.py
-from mnist_data import load_mnist
-from mnist_classifier import DEFAULT_WEIGHTS, accuracy, load_classifier, train_classifier
-
-
-@pytest.fixture(scope="module")
-def splits(data_dir):
-    """MNIST from conftest's `data_dir` ($GAN_DATA_DIR, default data/; downloaded at session start if missing)."""
-    return load_mnist(data_dir, download=False)
-
-
-@pytest.fixture(scope="module")
-def classifier():
-    return load_classifier()
+import gan_utils as gu
+from gan import metrics as gm
+from gan.mnist_classifier import load_classifier
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +26,6 @@ def gaussian_features(n, d, seed, shift=0.0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=g, dtype=torch.float64) + shift
 
-
-# ------------------------------------------------------------------------------- Parzen window
 
 def test_paper_table1_numbers():
     assert dict(gm.PAPER_TABLE1) == {"DBN": (138, 2), "Stacked CAE": (121, 1.6),
@@ -89,11 +77,9 @@ def test_parzen_evaluation_picks_the_best_sigma_on_validation():
     out = gm.parzen_evaluation(samples, val, test, n_val=100)
     sweep = dict(out["val_ll_by_sigma"])
     assert out["sigma"] == max(sweep, key=sweep.get) and len(sweep) == 10
-    ll, se = gm.parzen_log_likelihood(gm.to_unit_range(samples), gm.to_unit_range(test), out["sigma"])
+    ll, se = gm.parzen_log_likelihood(gu.to_unit_range(samples), gu.to_unit_range(test), out["sigma"])
     assert (out["ll"], out["se"]) == pytest.approx((ll, se))
 
-
-# ------------------------------------------------------------------------------- Frechet distance, KID
 
 def test_frechet_distance_of_gaussians_with_diagonal_covariances():
     """FD(N(m1, diag a), N(m2, diag b)) = |m1 - m2|^2 + sum (sqrt a - sqrt b)^2."""
@@ -143,8 +129,6 @@ def test_kid_matches_torchmetrics_and_is_near_zero_for_one_distribution():
     assert abs(same) < 0.05 * mean
 
 
-# ------------------------------------------------------------------------------- score, histogram
-
 def test_score_matches_torchmetrics_inception_score():
     from torchmetrics.image.inception import InceptionScore
 
@@ -168,8 +152,6 @@ def test_real_test_images_score_high(ref):
     assert gm.class_fractions(ref.probs).min() > 0.08
 
 
-# ------------------------------------------------------------------------------- precision / recall
-
 def test_precision_recall_real_vs_real_high_and_noise_near_zero(classifier, splits, ref):
     real_features, _ = gm.classifier_outputs(classifier, splits.val_x[:5000])
     precision, recall = gm.precision_recall(real_features, ref.features[:5000])
@@ -187,8 +169,6 @@ def test_knn_radii_on_a_line():
     assert gm.knn_radii(points, k=1).tolist() == [1.0, 1.0, 2.0, 3.0, 4.0]
     assert gm.knn_radii(points, k=2).tolist() == [3.0, 2.0, 3.0, 4.0, 7.0]
 
-
-# ------------------------------------------------------------------------------- memorisation, table
 
 def test_nearest_training_images_matches_brute_force():
     g = torch.Generator().manual_seed(13)
@@ -251,47 +231,6 @@ def test_memorisation_ratio_and_a_test_set_that_copies_the_training_set():
     assert no_yardstick["nn_median_test"] == 0.0 and math.isnan(no_yardstick["nn_ratio"])
 
 
-# ------------------------------------------------------------------------------- the classifier
-
-def test_committed_classifier_is_accurate(classifier, splits):
-    assert DEFAULT_WEIGHTS.stat().st_size <= 2_000_000
-    assert not classifier.training
-    assert accuracy(classifier, splits.test_x, splits.test_y) >= 0.992
-    flat_logits = classifier(splits.test_x[:8])
-    assert torch.equal(flat_logits, classifier(splits.test_x[:8].reshape(8, 1, 28, 28)))
-
-
-def test_committed_classifier_features_are_normalised(classifier, splits):
-    """Centred and of unit RMS on training images: the scale KID's kernel expects."""
-    features = classifier.features(splits.train_x[:5000])
-    assert features.mean().abs() < 0.05
-    assert features.square().mean().sqrt().item() == pytest.approx(1.0, abs=0.05)
-
-
-def test_train_classifier_runs_and_fits_the_normalisation(splits):
-    model = train_classifier(splits.train_x[:512], splits.train_y[:512], epochs=1, seed=0, log=lambda _: None)
-    assert not model.training and model.feature_scale.item() != 1.0
-    assert model.features(splits.train_x[:512]).mean(0).abs().max() < 1e-3
-
-
-def test_a_classifier_below_the_accuracy_bar_is_not_written_over_the_reference(tmp_path, monkeypatch, data_dir):
-    import mnist_classifier
-    reference = tmp_path / "mnist_classifier.pt"  # stands in for the committed weights
-    reference.write_bytes(b"committed")
-    monkeypatch.setattr(mnist_classifier, "DEFAULT_WEIGHTS", reference)
-    untrained = lambda *a, **k: mnist_classifier.MnistClassifier().eval()  # noqa: E731  ~10% accuracy
-    monkeypatch.setattr(mnist_classifier, "train_classifier", untrained)
-    threads = torch.get_num_threads()  # main() sets its own (--threads): the tests after this keep theirs
-    try:
-        with pytest.raises(SystemExit, match=r"below the 99.2% .*not written over the reference weights"):
-            mnist_classifier.main(["--data-dir", str(data_dir)])
-        assert reference.read_bytes() == b"committed"
-        mnist_classifier.main(["--data-dir", str(data_dir), "--out", str(tmp_path / "mine.pt")])  # elsewhere: kept
-        assert (tmp_path / "mine.pt").stat().st_size > 0
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_missing_weights_name_the_file_and_the_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nope\.pt.*python mnist_classifier\.py"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.pt.*python scripts/train_mnist_classifier\.py"):
         load_classifier(tmp_path / "nope.pt")

@@ -2,7 +2,7 @@
 cannot share one directory, settings that are wrong only for this data fail before anything is
 written, and SIGTERM to `make run`'s runner saves the last completed epoch and prints how to resume.
 
-The library pieces have fast unit tests in test_run_safety.py (on a toy notebook for the signals);
+The library pieces have fast unit tests in test_runs.py (on a toy notebook for the signals);
 these check that Vanilla_GAN.ipynb wires them in. GAN_SIGTERM_TRIALS (default 3) sets the number of
 SIGTERM trials; the closing note's 10-trial figure comes from GAN_SIGTERM_TRIALS=10.
 """
@@ -19,11 +19,10 @@ from pathlib import Path
 
 import papermill
 
-import gan_utils as gu
-import run_safety
+from gan import runs
 from conftest import NOTEBOOK, REPO_ROOT, TINY_PARAMS, execute_cached, kernel_env, listing
 
-RUNNER = REPO_ROOT / "run_notebook.py"
+RUNNER = REPO_ROOT / "scripts" / "run_notebook.py"
 
 
 def training_started(nb) -> bool:
@@ -83,13 +82,13 @@ def test_sigterm_saves_the_last_completed_epoch_and_prints_the_resume_command(tm
         assert proc.returncode == 128 + signal.SIGTERM, output
         for bad in ("Traceback", "zmq", "Aborted!"):
             assert bad not in output, f"{bad!r} on the terminal:\n{output}"
-        ck = run_safety.load_checkpoint(run_dir / "checkpoint.pt")
-        rows = gu.read_metrics_csv(run_dir / "metrics.csv")
+        ck = runs.load_checkpoint(run_dir / "checkpoint.pt")
+        rows = runs.read_metrics_csv(run_dir / "metrics.csv")
         assert 1 <= ck["epoch"] < 40 and [row["epoch"] for row in rows] == list(range(1, ck["epoch"] + 1))
         assert [{k: float(v) for k, v in row.items()} for row in ck["history"]] == rows  # file and checkpoint agree
-        assert len(run_safety.epoch_grid_paths(run_dir)) == ck["epoch"]  # no grid of the rolled-back epoch
+        assert len(runs.epoch_grid_paths(run_dir)) == ck["epoch"]  # no grid of the rolled-back epoch
         assert not list(run_dir.glob("*.tmp"))
-        assert f"after epoch {ck['epoch']}" in output and run_safety.resume_command(run_dir / "checkpoint.pt") in output
+        assert f"after epoch {ck['epoch']}" in output and runs.resume_command(run_dir / "checkpoint.pt") in output
         report.append(f"trial {trial}: checkpoint at epoch {ck['epoch']}, metrics.csv agrees")
     print("\n".join(report))
 
@@ -102,5 +101,5 @@ def test_two_runs_racing_for_one_directory(tmp_path, data_dir):
     assert codes[0] == 0 and codes[1] in (1, 2), outputs  # one trains; the other is refused
     refused = outputs[[first.returncode, second.returncode].index(codes[1])]
     assert str(run_dir) in refused and ("is in use" in refused or "already holds a run" in refused), refused
-    ck = run_safety.load_checkpoint(run_dir / "checkpoint.pt")
-    assert ck["epoch"] == 3 and [row["epoch"] for row in gu.read_metrics_csv(run_dir / "metrics.csv")] == [1, 2, 3]
+    ck = runs.load_checkpoint(run_dir / "checkpoint.pt")
+    assert ck["epoch"] == 3 and [row["epoch"] for row in runs.read_metrics_csv(run_dir / "metrics.csv")] == [1, 2, 3]

@@ -6,7 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: plt.show() is then a no-op
 
-import gan_plots as gp  # noqa: E402  (the repository root is on sys.path through conftest.py)
+from gan import plots as gp
 
 
 def row(epoch: int, scored: bool) -> dict:

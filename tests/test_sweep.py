@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-import gan_utils as gu
+from gan import vanilla_gan as method
 import sweep
 
 
 def test_defaults_are_the_notebooks():
-    defaults = gu.notebook_defaults(sweep.NOTEBOOK)
+    defaults = method.notebook_parameters()
     assert sweep.recipe(sweep.parse_args([])) == {name: defaults[name] for name in sweep.RECIPE_PARAMETERS}
 
 

@@ -1,17 +1,21 @@
 """Run safety: one run per directory and one process per run, settings checked against the data,
 MNIST verified by content, downloads that cannot hang, checkpoints that survive a full disk, and a
-safe stop on SIGTERM or a second Ctrl-C, headless included (run_notebook.py, `make run`).
+safe stop on SIGTERM or a second Ctrl-C, headless included (scripts/run_notebook.py, `make run`);
+snapshots, rolling back and restoring (Adam's moments in their weights' layout), the run's files.
 
-None of these runs Vanilla_GAN.ipynb: the notebook is being restructured, so the stop tests run a
-tiny notebook written here with the training cell's shape (epochs, a snapshot per epoch, a
-checkpoint, `except KeyboardInterrupt: roll back, save, raise`)."""
+None of these runs Vanilla_GAN.ipynb: the stop tests run a tiny notebook written here with the
+training cell's shape (epochs, a snapshot per epoch, a checkpoint, `except KeyboardInterrupt: roll
+back, save, raise`); tests/test_notebook_*.py check that the notebooks wire these pieces in."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import json
+import math
 import os
+import pickle
 import random
 import re
 import select
@@ -30,13 +34,16 @@ import psutil
 import pytest
 import torch
 
-import gan_metrics as gm
 import gan_utils as gu
-import mnist_data
-import run_safety
+from gan import errors
+from gan import metrics as gm
+from gan import mnist_data
+from gan import runs
+from gan import settings
+from gan import vanilla_gan as method
 from conftest import REPO_ROOT, kernel_env, listing
 
-RUNNER = REPO_ROOT / "run_notebook.py"
+RUNNER = REPO_ROOT / "scripts" / "run_notebook.py"
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
 
 
@@ -44,16 +51,16 @@ def full_checkpoint(epoch: int, value: float | None = None) -> dict:
     """A checkpoint with every key load_checkpoint requires (tiny tensors)."""
     w = torch.full((4,), float(epoch if value is None else value))
     return {"config": {"latent_dim": 2}, "epoch": epoch, "G": {"w": w}, "D": {"w": w}, "G_ema": {"w": w},
-            "opt_G": {}, "opt_D": {}, "fixed_noise": torch.zeros(2, 2), "rng": gu.rng_state(),
+            "opt_G": {}, "opt_D": {}, "fixed_noise": torch.zeros(2, 2), "rng": runs.rng_state(),
             "history": [{"epoch": e + 1} for e in range(epoch)]}
 
 
 def finished_run(path: Path, epochs: int = 2) -> Path:
     """A directory as a finished run leaves it."""
     (path / "grids").mkdir(parents=True)
-    run_safety.save_checkpoint(path / "checkpoint.pt", full_checkpoint(epochs))
-    gu.write_json(path / "config.json", {"epochs": epochs})
-    gu.write_metrics_csv(path / "metrics.csv", [{"epoch": e + 1} for e in range(epochs)])
+    runs.save_checkpoint(path / "checkpoint.pt", full_checkpoint(epochs))
+    runs.write_json(path / "config.json", {"epochs": epochs})
+    runs.write_metrics_csv(path / "metrics.csv", [{"epoch": e + 1} for e in range(epochs)])
     for e in range(epochs):
         (path / "grids" / f"epoch_{e + 1:03d}.png").write_bytes(b"png")
     (path / "Vanilla_GAN.ipynb").write_text("{}")
@@ -64,33 +71,77 @@ def finished_run(path: Path, epochs: int = 2) -> Path:
 # 1, 2: a directory holding a run is refused before anything changes; one process per directory
 # ------------------------------------------------------------------------------------------------
 
+class _OnTheGpu:
+    """Stands in for a state tensor that load_checkpoint(map_location=<GPU>) put on the GPU, which
+    torch.set_rng_state refuses: only .cpu() gives the tensor back."""
+
+    def __init__(self, tensor):
+        self._tensor = tensor
+
+    def cpu(self):
+        return self._tensor
+
+
+def assert_same(a, b, where="checkpoint"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), where
+    else:
+        assert a == b, where
+
+
+class RunsCode:
+    """Unpickling this calls os.system: the classic malicious pickle."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def fail(exc):
+    def raiser(*args, **kwargs):
+        raise exc
+    return raiser
+
+
 def test_finished_run_is_refused_without_resume_and_nothing_changes(tmp_path):
     run = finished_run(tmp_path / "run")
     before = listing(run)
-    for attempt in (run_safety.check_run_dir, run_safety.claim_run_dir):
-        with pytest.raises(gu.ParameterError) as info:
+    for attempt in (runs.check_run_dir, runs.claim_run_dir):
+        with pytest.raises(errors.ParameterError) as info:
             attempt(run)
         msg = str(info.value)
         assert str(run) in msg and "already holds a run" in msg
         assert f"resume = {str(run / 'checkpoint.pt')!r}" in msg and "make run RUN_DIR=" in msg
         assert "run_dir" in msg and "overwrite = True" in msg
-        assert listing(run) == before and not (run / run_safety.LOCK_FILE).exists()
+        assert listing(run) == before and not (run / runs.LOCK_FILE).exists()
 
 
 def test_resuming_a_run_in_its_own_directory_is_allowed(tmp_path):
     run = finished_run(tmp_path / "run")
     before = listing(run)
-    with run_safety.claim_run_dir(run, resume=str(run / "checkpoint.pt")) as lock:
+    with runs.claim_run_dir(run, resume=str(run / "checkpoint.pt")) as lock:
         assert lock.held and lock.run_dir == run
     after = listing(run)
-    assert after.pop(run_safety.LOCK_FILE) > 0 and after == before
+    assert after.pop(runs.LOCK_FILE) > 0 and after == before
 
 
 def test_resuming_another_run_into_a_directory_holding_a_run_is_refused(tmp_path):
     finished_run(tmp_path / "a")
     b = finished_run(tmp_path / "b")
-    with pytest.raises(gu.ParameterError) as info:
-        run_safety.check_run_dir(b, resume=str(tmp_path / "a" / "checkpoint.pt"))
+    with pytest.raises(errors.ParameterError) as info:
+        runs.check_run_dir(b, resume=str(tmp_path / "a" / "checkpoint.pt"))
     assert "another run" in str(info.value) and "is not its checkpoint" in str(info.value)
 
 
@@ -99,62 +150,62 @@ def test_overwrite_deletes_the_old_runs_files_only(tmp_path):
     (run / "notes.txt").write_text("mine")
     dead = spawn_and_reap()
     (run / f"checkpoint.pt.{dead}.abcd1234.tmp").write_bytes(b"torn")
-    with run_safety.claim_run_dir(run, overwrite=True):
+    with runs.claim_run_dir(run, overwrite=True):
         left = sorted(listing(run))
-    assert left == [run_safety.LOCK_FILE, "Vanilla_GAN.ipynb", "notes.txt"]
+    assert left == [runs.LOCK_FILE, "Vanilla_GAN.ipynb", "notes.txt"]
 
 
 def test_overwrite_never_deletes_the_run_being_resumed(tmp_path):
     run = finished_run(tmp_path / "run")
     before = sorted(listing(run))
-    with run_safety.claim_run_dir(run, resume=str(run / "checkpoint.pt"), overwrite=True):
-        assert sorted(listing(run)) == sorted(before + [run_safety.LOCK_FILE])
+    with runs.claim_run_dir(run, resume=str(run / "checkpoint.pt"), overwrite=True):
+        assert sorted(listing(run)) == sorted(before + [runs.LOCK_FILE])
 
 
 def test_setup_cells_run_again_over_this_kernels_own_run_say_how_to_go_on(tmp_path):
     run = tmp_path / "run"
-    with run_safety.claim_run_dir(run):
-        gu.write_json(run / "config.json", {"epochs": 1})  # the run has started here
+    with runs.claim_run_dir(run):
+        runs.write_json(run / "config.json", {"epochs": 1})  # the run has started here
         for overwrite in (False, True):  # the advice to overwrite would delete the run open here
-            with pytest.raises(gu.ParameterError, match=r"holds the run this kernel is training\. To continue it"):
-                run_safety.check_run_dir(run, overwrite=overwrite)
+            with pytest.raises(errors.ParameterError, match=r"holds the run this kernel is training\. To continue it"):
+                runs.check_run_dir(run, overwrite=overwrite)
         assert (run / "config.json").exists()
 
 
 def test_the_command_to_start_again_is_accepted_where_a_run_stopped_before_its_first_checkpoint(tmp_path):
     run = tmp_path / "run dcgan"
     (run / "grids").mkdir(parents=True)
-    gu.write_json(run / "config.json", {"notebook": "DCGAN.ipynb"})  # stopped in epoch 1: no checkpoint
-    command = run_safety.restart_command(run)
+    runs.write_json(run / "config.json", {"notebook": "DCGAN.ipynb"})  # stopped in epoch 1: no checkpoint
+    command = runs.restart_command(run)
     assert command == f"make run NOTEBOOK=DCGAN.ipynb RUN_DIR='{run}' PARAMS=\"-p overwrite True\""
-    with pytest.raises(gu.ParameterError):
-        run_safety.check_run_dir(run)  # the same command without overwrite is refused
-    assert run_safety.check_run_dir(run, overwrite=True) == run
+    with pytest.raises(errors.ParameterError):
+        runs.check_run_dir(run)  # the same command without overwrite is refused
+    assert runs.check_run_dir(run, overwrite=True) == run
 
 
 def test_new_directory_is_created_locked_with_our_pid(tmp_path):
     run = tmp_path / "new" / "run"
-    assert run_safety.check_run_dir(run) == run and not run.exists()  # the check writes nothing
-    lock = run_safety.claim_run_dir(run)
+    assert runs.check_run_dir(run) == run and not run.exists()  # the check writes nothing
+    lock = runs.claim_run_dir(run)
     assert (run / "grids").is_dir()
-    assert (run / run_safety.LOCK_FILE).read_text().strip() == str(os.getpid())
-    assert run_safety.claim_run_dir(run) is lock  # the setup cell run again in the same kernel
+    assert (run / runs.LOCK_FILE).read_text().strip() == str(os.getpid())
+    assert runs.claim_run_dir(run) is lock  # the setup cell run again in the same kernel
     lock.release()
     assert not lock.held
-    run_safety.claim_run_dir(run).release()
+    runs.claim_run_dir(run).release()
 
 
 def test_run_dir_that_is_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(gu.ParameterError, match="is a file"):
-        run_safety.claim_run_dir(tmp_path / "f")
+    with pytest.raises(errors.ParameterError, match="is a file"):
+        runs.claim_run_dir(tmp_path / "f")
 
 
 HOLD_LOCK = """
 import sys, time
 sys.path.insert(0, {repo!r})
-import run_safety
-lock = run_safety.claim_run_dir({run!r})
+from gan import runs
+lock = runs.claim_run_dir({run!r})
 print("locked", flush=True)
 time.sleep(60)
 """
@@ -168,15 +219,15 @@ def test_second_process_is_refused_naming_the_pid_until_the_first_dies(tmp_path)
         ready, _, _ = select.select([holder.stdout], [], [], 120)  # a deadline: a stuck holder fails, not hangs CI
         assert ready, "the lock-holding process did not start within 120 s"
         assert holder.stdout.readline().strip() == "locked"
-        for attempt in (run_safety.check_run_dir, run_safety.claim_run_dir):
-            with pytest.raises(gu.ParameterError) as info:
+        for attempt in (runs.check_run_dir, runs.claim_run_dir):
+            with pytest.raises(errors.ParameterError) as info:
                 attempt(run)
             msg = str(info.value)
             assert str(run) in msg and f"process {holder.pid}" in msg and f"kill -INT {holder.pid}" in msg
     finally:
         holder.kill()  # SIGKILL: no cleanup code runs; the OS releases the lock
         holder.wait()
-    run_safety.claim_run_dir(run).release()
+    runs.claim_run_dir(run).release()
 
 
 def test_a_probe_of_the_lock_at_that_moment_does_not_refuse_a_starting_run(tmp_path):
@@ -184,13 +235,13 @@ def test_a_probe_of_the_lock_at_that_moment_does_not_refuse_a_starting_run(tmp_p
     # claiming the directory just then must wait that moment out, not report it as in use.
     import fcntl
     run = tmp_path / "run"
-    run_safety.claim_run_dir(run).release()  # the directory and its lock file, free again
-    probe = os.open(run / run_safety.LOCK_FILE, os.O_RDONLY)
+    runs.claim_run_dir(run).release()  # the directory and its lock file, free again
+    probe = os.open(run / runs.LOCK_FILE, os.O_RDONLY)
     fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
     timer = threading.Timer(0.1, lambda: fcntl.flock(probe, fcntl.LOCK_UN))
     timer.start()
     try:
-        run_safety.claim_run_dir(run).release()
+        runs.claim_run_dir(run).release()
     finally:
         timer.join()
         os.close(probe)
@@ -211,9 +262,9 @@ def test_cleanup_deletes_temporary_files_of_dead_processes_and_of_an_interrupted
                  "mine": f"checkpoint.pt.{os.getpid()}.ijkl9012.tmp", "unknown": "checkpoint.pt.mnop3456.tmp"}
         for name in names.values():
             (tmp_path / name).write_bytes(b"partial")
-        assert run_safety.remove_dead_temp_files(tmp_path / "checkpoint.pt", ".tmp") == [tmp_path / names["dead"]]
+        assert runs.remove_dead_temp_files(tmp_path / "checkpoint.pt", ".tmp") == [tmp_path / names["dead"]]
         # A save of this process removes what an interrupt left of its own earlier save, too.
-        run_safety.save_checkpoint(tmp_path / "checkpoint.pt", full_checkpoint(1))
+        runs.save_checkpoint(tmp_path / "checkpoint.pt", full_checkpoint(1))
         assert sorted(p.name for p in tmp_path.glob("*.tmp")) == sorted(names[k] for k in ("live", "unknown"))
     finally:
         live.kill()
@@ -224,20 +275,20 @@ def test_temporary_file_names_carry_the_writers_pid(tmp_path, monkeypatch):
     seen = []
     real_replace = os.replace
     monkeypatch.setattr(gu.os, "replace", lambda src, dst: (seen.append(Path(src).name), real_replace(src, dst)))
-    run_safety.atomic_write_bytes(tmp_path / "metrics.csv", b"x")
+    runs.atomic_write_bytes(tmp_path / "metrics.csv", b"x")
     assert re.fullmatch(rf"metrics\.csv\.{os.getpid()}\.[a-z0-9_]+\.tmp", seen[0])
 
 
 def test_remove_grids_after(tmp_path):
     run = finished_run(tmp_path / "run", epochs=4)
-    assert [p.name for p in run_safety.remove_grids_after(run, 2)] == ["epoch_003.png", "epoch_004.png"]
-    assert [p.name for p in run_safety.epoch_grid_paths(run)] == ["epoch_001.png", "epoch_002.png"]
+    assert [p.name for p in runs.remove_grids_after(run, 2)] == ["epoch_003.png", "epoch_004.png"]
+    assert [p.name for p in runs.epoch_grid_paths(run)] == ["epoch_001.png", "epoch_002.png"]
 
 
 def test_resolve_run_dir_is_the_notebooks_rule(tmp_path):
-    assert run_safety.resolve_run_dir("x/y") == Path("x/y")
-    assert run_safety.resolve_run_dir("", str(tmp_path / "r" / "checkpoint.pt")) == tmp_path / "r"
-    assert re.fullmatch(r"runs/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", str(run_safety.resolve_run_dir("")))
+    assert runs.resolve_run_dir("x/y") == Path("x/y")
+    assert runs.resolve_run_dir("", str(tmp_path / "r" / "checkpoint.pt")) == tmp_path / "r"
+    assert re.fullmatch(r"runs/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", str(runs.resolve_run_dir("")))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,17 +300,17 @@ GOOD = dict(batch_size=64, d_steps=1, r1_gamma=0.5, r1_every=4, g_batchnorm=True
 
 
 def data_problems(n_train=512, **changes) -> str:
-    with pytest.raises(gu.ParameterError) as info:
-        gu.validate_against_data({**GOOD, **changes}, n_train)
+    with pytest.raises(errors.ParameterError) as info:
+        settings.validate_against_data({**GOOD, **changes}, n_train)
     return str(info.value)
 
 
 def test_good_settings_pass():
-    gu.validate_against_data(GOOD, 512)
-    gu.validate_against_data({**GOOD, "batch_size": 128, "train_subset": 0}, mnist_data.N_TRAIN)
-    gu.validate_against_data({**GOOD, "r1_every": 100, "r1_gamma": 0.0}, 512)  # penalty off: any r1_every
-    gu.validate_against_data({**GOOD, "metrics_samples": 1, "metrics_every": 0}, 512)  # no per-epoch scores
-    gu.validate_against_data({**GOOD, "eval_samples": 0, "batch_size": 2, "r1_every": 3, "train_subset": 7}, 7)
+    settings.validate_against_data(GOOD, 512)
+    settings.validate_against_data({**GOOD, "batch_size": 128, "train_subset": 0}, mnist_data.N_TRAIN)
+    settings.validate_against_data({**GOOD, "r1_every": 100, "r1_gamma": 0.0}, 512)  # penalty off: any r1_every
+    settings.validate_against_data({**GOOD, "metrics_samples": 1, "metrics_every": 0}, 512)  # no per-epoch scores
+    settings.validate_against_data({**GOOD, "eval_samples": 0, "batch_size": 2, "r1_every": 3, "train_subset": 7}, 7)
 
 
 @pytest.mark.parametrize("changes, n_train, expected", [
@@ -284,8 +335,8 @@ def test_each_conflict_names_the_parameter_and_the_range(changes, n_train, expec
 
 def test_a_batch_of_one_in_dcgan_names_no_switch_it_does_not_have():
     dcgan = {k: v for k, v in GOOD.items() if k != "g_batchnorm"}  # DCGAN's G always has BatchNorm
-    with pytest.raises(gu.ParameterError) as info:
-        gu.validate_against_data({**dcgan, "batch_size": 1}, 512)
+    with pytest.raises(errors.ParameterError) as info:
+        settings.validate_against_data({**dcgan, "batch_size": 1}, 512)
     assert "batch_size = 1 with G's BatchNorm: BatchNorm needs at least 2 images per batch; use a " \
            "batch_size from 2 to 512" in str(info.value)
     assert "g_batchnorm" not in str(info.value)
@@ -300,27 +351,27 @@ def test_all_conflicts_are_listed_at_once():
 def test_the_minimums_are_what_the_metrics_need():
     g = torch.Generator().manual_seed(0)
     real = torch.randn(50, 8, generator=g)
-    below = gu.FD_MIN_SAMPLES - 1
+    below = settings.FD_MIN_SAMPLES - 1
     with pytest.raises(Exception):  # torch.cov of one sample is NaN; eigh then fails
         gm.frechet_distance_features(torch.randn(below, 8, generator=g), real)
-    assert np.isfinite(gm.frechet_distance_features(torch.randn(gu.FD_MIN_SAMPLES, 8, generator=g), real))
+    assert np.isfinite(gm.frechet_distance_features(torch.randn(settings.FD_MIN_SAMPLES, 8, generator=g), real))
     with pytest.raises(RuntimeError):
-        gm.precision_recall(torch.randn(gu.KNN_MIN_SAMPLES - 1, 8, generator=g), real)
-    assert all(np.isfinite(gm.precision_recall(torch.randn(gu.KNN_MIN_SAMPLES, 8, generator=g), real)))
+        gm.precision_recall(torch.randn(settings.KNN_MIN_SAMPLES - 1, 8, generator=g), real)
+    assert all(np.isfinite(gm.precision_recall(torch.randn(settings.KNN_MIN_SAMPLES, 8, generator=g), real)))
 
 
 def test_seed_range_is_numpys():
-    check, allowed = gu.PARAMETER_RULES["seed"]
+    check, allowed = settings.PARAMETER_RULES["seed"]
     assert check(2 ** 32 - 1) and not check(2 ** 32) and not check(-1)
     assert "0 to 2**32-1" in allowed
-    gu.seed_everything(2 ** 32 - 1)  # the largest allowed seed really works
+    runs.seed_everything(2 ** 32 - 1)  # the largest allowed seed really works
     with pytest.raises(ValueError):
         np.random.seed(2 ** 32)  # and the first refused one would not
 
 
 def test_nothing_to_train_message():
-    assert gu.nothing_to_train_message(5, 4) is None
-    assert gu.nothing_to_train_message(4, 4) == ("nothing to train: epochs (4) <= epochs done (4); "
+    assert settings.nothing_to_train_message(5, 4) is None
+    assert settings.nothing_to_train_message(4, 4) == ("nothing to train: epochs (4) <= epochs done (4); "
                                                  "raise epochs to continue")
 
 
@@ -354,7 +405,7 @@ def test_wrong_content_with_the_right_header_is_refused(make_mnist_copy, name, o
     root = make_mnist_copy(plain=True, names=[name])
     path = damage(root, name, offset, fill, length)
     spec = next(s for s in mnist_data.MNIST_FILES.values() if s.name == name)
-    with pytest.raises(mnist_data.DataError) as info:
+    with pytest.raises(errors.DataError) as info:
         mnist_data.read_mnist_file(path.parent, spec)
     msg = str(info.value)
     assert expected in msg and str(path) in msg and "Delete" in msg
@@ -362,7 +413,7 @@ def test_wrong_content_with_the_right_header_is_refused(make_mnist_copy, name, o
 
 def test_data_dir_that_is_a_file(tmp_path):
     (tmp_path / "data").write_text("not a directory")
-    with pytest.raises(mnist_data.DataError) as info:
+    with pytest.raises(errors.DataError) as info:
         mnist_data.load_mnist(tmp_path / "data", download=False)
     assert "is a file, not a directory" in str(info.value) and "data_dir" in str(info.value)
 
@@ -370,7 +421,7 @@ def test_data_dir_that_is_a_file(tmp_path):
 def test_directory_in_place_of_a_file(make_mnist_copy):
     root = make_mnist_copy(plain=True, names=[n for n in (TRAIN_LABELS,)])
     (root / "MNIST" / "raw" / TRAIN_IMAGES).mkdir()
-    with pytest.raises(mnist_data.DataError) as info:
+    with pytest.raises(errors.DataError) as info:
         mnist_data.read_mnist_file(root / "MNIST" / "raw", mnist_data.MNIST_FILES["train_images"])
     assert "is a directory" in str(info.value) and TRAIN_IMAGES in str(info.value)
 
@@ -383,11 +434,11 @@ def test_unreadable_file_and_directory(make_mnist_copy, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "read_bytes", refuse)  # root ignores chmod, so refusing is simulated
-    with pytest.raises(mnist_data.DataError) as info:
+    with pytest.raises(errors.DataError) as info:
         mnist_data.read_mnist_file(raw, mnist_data.MNIST_FILES["train_labels"])
     assert f"cannot read {raw / TRAIN_LABELS} (Permission denied)" in str(info.value)
     monkeypatch.setattr(gu.os, "listdir", lambda p: refuse(p))
-    with pytest.raises(mnist_data.DataError, match="cannot read the directory"):
+    with pytest.raises(errors.DataError, match="cannot read the directory"):
         mnist_data.ensure_mnist(root, download=False)
 
 
@@ -435,7 +486,7 @@ def test_a_mirror_that_never_answers_fails_fast_naming_it(tmp_path, monkeypatch)
     said = []
     started = time.monotonic()
     try:
-        with pytest.raises(mnist_data.DataError) as info:
+        with pytest.raises(errors.DataError) as info:
             mnist_data.ensure_mnist(tmp_path / "d", download=True, timeout=1.0, report=said.append)
     finally:
         server.close()
@@ -452,7 +503,7 @@ def test_a_trickling_mirror_stops_at_the_deadline(tmp_path, monkeypatch):
     monkeypatch.setattr(mnist_data, "MNIST_MIRRORS", (server.url,))
     started = time.monotonic()
     try:
-        with pytest.raises(mnist_data.DataError) as info:
+        with pytest.raises(errors.DataError) as info:
             mnist_data.ensure_mnist(tmp_path / "d", download=True, timeout=1.0, deadline_s=1.0, report=lambda s: None)
     finally:
         server.close()
@@ -488,44 +539,44 @@ class FullDiskFile:
 def test_disk_full_keeps_the_last_good_checkpoint_and_says_how_to_resume(tmp_path, monkeypatch, where):
     run = tmp_path / "my run"
     run.mkdir()
-    path = run_safety.save_checkpoint(run / "checkpoint.pt", full_checkpoint(3))
+    path = runs.save_checkpoint(run / "checkpoint.pt", full_checkpoint(3))
     if where == "write":
         real_fdopen = os.fdopen
         monkeypatch.setattr(gu.os, "fdopen", lambda *a, **k: FullDiskFile(real_fdopen(*a, **k)))
     else:
         monkeypatch.setattr(gu.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
     with pytest.raises(OSError) as info:
-        run_safety.save_checkpoint(path, full_checkpoint(4))
+        runs.save_checkpoint(path, full_checkpoint(4))
     monkeypatch.undo()
-    assert isinstance(info.value, run_safety.DiskFullError) and info.value.errno == errno.ENOSPC
+    assert isinstance(info.value, runs.DiskFullError) and info.value.errno == errno.ENOSPC
     msg = str(info.value)
     assert "epoch 4" in msg and f"{path} was not changed and still holds epoch 3" in msg
-    assert run_safety.resume_command(path) in msg and "MB free" in msg
-    assert run_safety.load_checkpoint(path)["epoch"] == 3
+    assert runs.resume_command(path) in msg and "MB free" in msg
+    assert runs.load_checkpoint(path)["epoch"] == 3
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"]
 
 
 def test_disk_full_before_any_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(gu.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
-    with pytest.raises(run_safety.DiskFullError, match="no checkpoint was written"):
-        run_safety.save_checkpoint(tmp_path / "checkpoint.pt", full_checkpoint(1))
-    with pytest.raises(run_safety.DiskFullError, match="metrics.csv: the file was left as it was"):
-        gu.write_metrics_csv(tmp_path / "metrics.csv", [{"epoch": 1}])
+    with pytest.raises(runs.DiskFullError, match="no checkpoint was written"):
+        runs.save_checkpoint(tmp_path / "checkpoint.pt", full_checkpoint(1))
+    with pytest.raises(runs.DiskFullError, match="metrics.csv: the file was left as it was"):
+        runs.write_metrics_csv(tmp_path / "metrics.csv", [{"epoch": 1}])
     assert list(tmp_path.iterdir()) == []
 
 
 def test_checkpoint_with_the_tag_but_missing_keys(tmp_path):
     ck = full_checkpoint(2)
     del ck["opt_D"], ck["rng"]
-    path = run_safety.save_checkpoint(tmp_path / "checkpoint.pt", ck)
-    with pytest.raises(run_safety.CheckpointError) as info:
-        run_safety.load_checkpoint(path)
+    path = runs.save_checkpoint(tmp_path / "checkpoint.pt", ck)
+    with pytest.raises(errors.CheckpointError) as info:
+        runs.load_checkpoint(path)
     assert "lacks opt_D, rng" in str(info.value) and str(path) in str(info.value)
 
 
 def test_export_has_no_batch_limit(tmp_path):
     G = torch.nn.Sequential(torch.nn.Linear(2, 784), torch.nn.Tanh())
-    exported = torch.export.load(str(gu.export_generator(G, 2, tmp_path / "g.pt2"))).module()
+    exported = torch.export.load(str(runs.export_generator(G, 2, tmp_path / "g.pt2"))).module()
     assert exported(torch.randn(70_000, 2)).shape == (70_000, 1, 28, 28)  # above the old 65,536
 
 
@@ -535,11 +586,11 @@ def test_export_has_no_batch_limit(tmp_path):
 
 def test_resume_command_survives_spaces_and_quotes():
     checkpoint = Path("runs/my run's/checkpoint.pt")
-    words = shlex.split(run_safety.resume_command(checkpoint))  # as the user's shell reads it
+    words = shlex.split(runs.resume_command(checkpoint))  # as the user's shell reads it
     assert words[:2] == ["make", "run"] and words[2] == f"RUN_DIR={checkpoint.parent}"
     assert shlex.split(words[3].removeprefix("PARAMS=")) == ["-p", "resume", str(checkpoint)]  # as make's shell
-    assert run_safety.resume_command(Path("runs/x/checkpoint.pt")) == 'make run RUN_DIR=runs/x PARAMS="-p resume runs/x/checkpoint.pt"'
-    assert run_safety.resume_command(checkpoint) in run_safety.resume_message(checkpoint, 3)
+    assert runs.resume_command(Path("runs/x/checkpoint.pt")) == 'make run RUN_DIR=runs/x PARAMS="-p resume runs/x/checkpoint.pt"'
+    assert runs.resume_command(checkpoint) in runs.resume_message(checkpoint, 3)
 
 
 def test_makefile_passes_run_dir_and_params_with_spaces(tmp_path):
@@ -550,7 +601,7 @@ def test_makefile_passes_run_dir_and_params_with_spaces(tmp_path):
     fake.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
     fake.chmod(0o755)
     checkpoint = Path("runs/my run/checkpoint.pt")
-    assignments = shlex.split(run_safety.resume_command(checkpoint))[2:]  # RUN_DIR=... PARAMS=... as the shell passes them
+    assignments = shlex.split(runs.resume_command(checkpoint))[2:]  # RUN_DIR=... PARAMS=... as the shell passes them
     out = subprocess.run(["make", "-s", "-C", str(REPO_ROOT), "run", f"VENV={venv}", *assignments],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
@@ -598,7 +649,7 @@ def test_runner_stopped_before_the_notebook_starts_says_there_is_nothing_to_resu
 def test_sigterm_raises_keyboardinterrupt_inside_the_block_only():
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-        with run_safety.sigterm_as_interrupt():
+        with runs.sigterm_as_interrupt():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler interrupts this
     assert signal.getsignal(signal.SIGTERM) is before
@@ -608,7 +659,7 @@ def test_interrupts_during_the_block_are_held_until_it_is_done():
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     said, steps = [], []
     with pytest.raises(KeyboardInterrupt):
-        with run_safety.interrupts_deferred(report=said.append) as held:
+        with runs.interrupts_deferred(report=said.append) as held:
             for s in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
                 os.kill(os.getpid(), s)
                 time.sleep(0.05)
@@ -616,7 +667,7 @@ def test_interrupts_during_the_block_are_held_until_it_is_done():
     assert len(steps) == 3 and held == [signal.SIGINT, signal.SIGINT, signal.SIGTERM]
     assert said == ["SIGINT and SIGTERM arrived while saving; held until the save was complete."]
     assert {s: signal.getsignal(s) for s in before} == before
-    with run_safety.interrupts_deferred(reraise=False, report=said.append):  # only reported
+    with runs.interrupts_deferred(reraise=False, report=said.append):  # only reported
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
     assert len(said) == 2
@@ -636,17 +687,26 @@ rollback_wait = 0.0       # > 0: the rollback waits (at most this long) for the 
 TOY_SETUP = '''import time
 from pathlib import Path
 import torch
-import gan_utils as gu
-import run_safety
+
+from gan import runs
+import copy
+import math
+import pickle
+from PIL import Image
+
+from gan import hardware
+from gan import vanilla_gan as method
+from gan import dcgan
+from conftest import REPO_ROOT
 run_path = Path(run_dir)
-run_lock = run_safety.claim_run_dir(run_path)
+run_lock = runs.claim_run_dir(run_path)
 checkpoint_path = run_path / "checkpoint.pt"
 w = torch.zeros(256, 1024)  # 1 MB: a save takes a moment
 history, epochs_done = [], 0
 
 def snapshot(epoch):
     return {"config": {}, "epoch": epoch, "G": {"w": w.clone()}, "D": {}, "G_ema": {}, "opt_G": {},
-            "opt_D": {}, "fixed_noise": torch.zeros(1), "rng": gu.rng_state(), "history": list(history)}
+            "opt_D": {}, "fixed_noise": torch.zeros(1), "rng": runs.rng_state(), "history": list(history)}
 
 def roll_back_to(state):
     global w, history, epochs_done
@@ -656,14 +716,14 @@ def roll_back_to(state):
         deadline = time.monotonic() + rollback_wait
         while not (run_path / "second signal sent").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
-    run_safety.save_checkpoint(checkpoint_path, state)
+    runs.save_checkpoint(checkpoint_path, state)
 
 last_good = snapshot(0)
 '''
 
 # w == epoch after each epoch and a half-way value in between: a checkpoint with a torn or unfinished
 # epoch shows. completed.log lists the epochs whose snapshot was taken.
-TOY_TRAINING = '''with run_safety.sigterm_as_interrupt():
+TOY_TRAINING = '''with runs.sigterm_as_interrupt():
     try:
         for epoch in range(epochs_done, epochs):
             w += 0.5
@@ -675,11 +735,11 @@ TOY_TRAINING = '''with run_safety.sigterm_as_interrupt():
             with open(run_path / "completed.log", "a") as log:
                 log.write(f"{epochs_done}\\n")
             if epochs_done % checkpoint_every == 0:
-                run_safety.save_checkpoint(checkpoint_path, last_good)
+                runs.save_checkpoint(checkpoint_path, last_good)
     except KeyboardInterrupt:
-        with run_safety.interrupts_deferred(reraise=False):
+        with runs.interrupts_deferred(reraise=False):
             roll_back_to(last_good)
-            print("Interrupted: the unfinished epoch was rolled back. " + run_safety.resume_message(checkpoint_path, epochs_done))
+            print("Interrupted: the unfinished epoch was rolled back. " + runs.resume_message(checkpoint_path, epochs_done))
         raise
 '''
 
@@ -746,7 +806,7 @@ def check_stopped_trial(trial: Trial, expected_rc: int) -> str:
     if not checkpoint.is_file():
         assert "nothing to resume" in out, out
         return "stopped before the first checkpoint: 'nothing to resume'"
-    ck = run_safety.load_checkpoint(checkpoint)
+    ck = runs.load_checkpoint(checkpoint)
     epoch, done = ck["epoch"], trial.completed()
     last = done[-1] if done else 0
     assert epoch in (last, last + 1), f"checkpoint at epoch {epoch}, last completed epoch {last}"
@@ -754,7 +814,7 @@ def check_stopped_trial(trial: Trial, expected_rc: int) -> str:
     assert [row["epoch"] for row in ck["history"]] == list(range(1, epoch + 1))
     reported = [int(n) for n in re.findall(r"after epoch (\d+)", out)]
     assert reported and set(reported) == {epoch}, f"reported {reported}, checkpoint epoch {epoch}"
-    assert "Stopped" in out and run_safety.resume_command(checkpoint) in out  # on the terminal, quoted
+    assert "Stopped" in out and runs.resume_command(checkpoint) in out  # on the terminal, quoted
     return f"checkpoint = last completed epoch {epoch}"
 
 
@@ -831,3 +891,348 @@ def test_runner_refuses_a_missing_notebook_before_making_a_run_directory(tmp_pat
             signal.signal(signum, handler)
     assert "Not started: no notebook 'typo.ipynb'" in capfd.readouterr().err  # the runner writes to fd 2
     assert not run_dir.exists()
+
+
+def test_claim_run_dir_creates_grids(tmp_path):
+    lock = runs.claim_run_dir(str(tmp_path / "a" / "b"))
+    path = tmp_path / "a" / "b"
+    assert lock.run_dir == path and (path / "grids").is_dir()
+    lock.release()
+
+
+def test_resolve_run_dir_default_is_dated(tmp_path):
+    path = runs.resolve_run_dir("", root=str(tmp_path / "runs"))
+    assert path.parent == tmp_path / "runs" and not path.exists()  # resolving writes nothing
+    assert len(path.name) == len("2024-01-01_00-00-00")
+
+
+def test_claim_run_dir_unwritable(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a regular file, so nothing can be created below it (even as root)")
+    target = blocker / "run"
+    with pytest.raises(errors.ParameterError) as info:
+        runs.claim_run_dir(str(target))
+    assert "run_dir" in str(info.value) and str(target) in str(info.value)
+
+
+def test_seed_everything_repeats():
+    draws = []
+    for _ in range(2):
+        runs.seed_everything(42)
+        draws.append((torch.randn(5), np.random.rand(3), random.random()))
+    assert torch.equal(draws[0][0], draws[1][0])
+    assert np.array_equal(draws[0][1], draws[1][1])
+    assert draws[0][2] == draws[1][2]
+    runs.seed_everything(43)
+    assert not torch.equal(torch.randn(5), draws[0][0])
+
+
+def test_rng_state_round_trip(tmp_path):
+    torch.manual_seed(5)
+    state = runs.rng_state()
+    a = torch.randn(10)
+    torch.randn(100)  # move on
+    runs.set_rng_state(state)
+    assert torch.equal(torch.randn(10), a)
+    # and through a checkpoint file
+    runs.save_checkpoint(tmp_path / "c.pt", {"rng": state})
+    torch.randn(7)
+    runs.set_rng_state(runs.load_checkpoint(tmp_path / "c.pt", required_keys=("rng",))["rng"])
+    assert torch.equal(torch.randn(10), a)
+
+
+def test_any_error_in_an_epoch_rolls_back_to_the_last_good_epoch(tmp_path, capsys):
+    rolled = []
+    with pytest.raises(OSError, match="No space left"):
+        with runs.rolled_back_when_stopped(lambda: rolled.append(3) or 3, tmp_path / "checkpoint.pt"):
+            raise OSError(28, "No space left on device")
+    assert rolled == [3] and "OSError in epoch 4: that epoch was rolled back" in capsys.readouterr().out
+
+    def fails_too():
+        raise OSError(28, "still full")
+
+    with pytest.raises(MemoryError):  # the first error is the one that surfaces
+        with runs.rolled_back_when_stopped(fails_too, tmp_path / "checkpoint.pt"):
+            raise MemoryError()
+    assert "rolling back after MemoryError failed too (OSError" in capsys.readouterr().out
+
+
+def test_training_after_a_restore_leaves_the_restored_state_as_it_was():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    parts = {"net": net, "opt": opt}
+    state = runs.snapshot({}, 1, parts, torch.zeros(1), [{"epoch": 1}])
+    first = copy.deepcopy(state)
+    history, epoch = runs.restore_training_state(state, parts)
+    assert (history, epoch) == ([{"epoch": 1}], 1)
+    history.append({"epoch": 2})  # the notebook trains on: its history and Adam's moments change
+    opt.zero_grad()
+    net(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    assert state["history"] == [{"epoch": 1}]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(state["opt"]["state"][0][key], first["opt"]["state"][0][key])
+
+
+def test_rng_state_of_a_checkpoint_loaded_onto_the_gpu_is_restored_on_the_gpus_there_are(monkeypatch):
+    torch.manual_seed(5)
+    state = runs.rng_state()
+    a = torch.randn(10)
+    cuda_states = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5, 6], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # saved on a machine with two GPUs
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    runs.set_rng_state({"cpu": _OnTheGpu(state["cpu"]), "cuda": [_OnTheGpu(s) for s in cuda_states]})
+    assert torch.equal(torch.randn(10), a)
+    assert restored == [(cuda_states[0], 0)]  # the one GPU here; the other's state has no device
+
+
+def sample_checkpoint():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    return {
+        "config": {"latent_dim": 100, "g_batchnorm": True, "lr_g": 2e-4, "g_loss": "non_saturating",
+                   "resume": ""},
+        "epoch": 3,
+        "G": model.state_dict(),
+        "D": model.state_dict(),
+        "G_ema": model.state_dict(),
+        "opt_G": opt.state_dict(),
+        "opt_D": opt.state_dict(),
+        "fixed_noise": torch.randn(64, 100),
+        "rng": runs.rng_state(),
+        "nested": {"a": {"b": [torch.arange(3), 1.5, None, "text"]}},
+        "history": [{"epoch": 1, "d_loss": 1.2, "g_loss": 0.8}, {"epoch": 2, "d_loss": 1.1, "g_loss": float("nan")}],
+    }
+
+
+def test_checkpoint_round_trip(tmp_path):
+    original = sample_checkpoint()
+    path = runs.save_checkpoint(tmp_path / "checkpoint.pt", copy.deepcopy(original))
+    assert path == tmp_path / "checkpoint.pt"
+    loaded = runs.load_checkpoint(path)
+    assert loaded["format"] == runs.CHECKPOINT_FORMAT
+    del loaded["format"]
+    assert_same(original, loaded)
+    # it really is weights_only-loadable, without gan_utils
+    assert torch.load(path, weights_only=True)["epoch"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
+
+
+def test_checkpoint_state_dicts_load_into_modules(tmp_path):
+    original = sample_checkpoint()
+    runs.save_checkpoint(tmp_path / "c.pt", original)
+    loaded = runs.load_checkpoint(tmp_path / "c.pt")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    model.load_state_dict(loaded["G"])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt.load_state_dict(loaded["opt_G"])
+    assert opt.state_dict()["state"][0]["step"].item() == 1
+
+
+def test_load_checkpoint_missing_file(tmp_path):
+    with pytest.raises(errors.CheckpointError, match="no such checkpoint"):
+        runs.load_checkpoint(tmp_path / "nothing.pt")
+
+
+def test_load_checkpoint_not_a_torch_file(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("this is not a checkpoint\n")
+    with pytest.raises(errors.CheckpointError) as info:
+        runs.load_checkpoint(path)
+    assert str(path) in str(info.value) and "not a readable checkpoint" in str(info.value)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 0.99])
+def test_load_checkpoint_truncated(tmp_path, fraction):
+    path = runs.save_checkpoint(tmp_path / "checkpoint.pt", sample_checkpoint())
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(errors.CheckpointError) as info:
+        runs.load_checkpoint(path)
+    assert str(path) in str(info.value) and "checkpoint" in str(info.value)
+
+
+def test_load_checkpoint_without_format_tag(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"epoch": 3, "G": {}}, path)
+    with pytest.raises(errors.CheckpointError) as info:
+        runs.load_checkpoint(path)
+    assert "format tag" in str(info.value) and runs.CHECKPOINT_FORMAT in str(info.value)
+    torch.save(torch.zeros(3), path)  # not even a dict
+    with pytest.raises(errors.CheckpointError, match="format tag"):
+        runs.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_load_checkpoint_never_runs_code(tmp_path, how):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoint.pt"
+    payload = {"format": runs.CHECKPOINT_FORMAT, "epoch": 1, "G": RunsCode(marker)}
+    if how == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(errors.CheckpointError) as info:
+        runs.load_checkpoint(path)
+    assert not marker.exists(), "loading the checkpoint ran code from it"
+    assert str(path) in str(info.value)
+    # control: the payload is live (an unrestricted unpickler does run it), so the check above means something
+    if how == "pickle":
+        pickle.loads(path.read_bytes())
+        assert marker.exists()
+
+
+@pytest.mark.parametrize("where, exc", [
+    ("replace", OSError(28, "No space left on device")),
+    ("fsync", OSError(5, "Input/output error")),
+    ("fsync", KeyboardInterrupt()),
+])
+def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch, where, exc):
+    path = tmp_path / "metrics.csv"
+    runs.atomic_write_bytes(path, b"old contents\n")
+    monkeypatch.setattr(gu.os, where, fail(exc))
+    with pytest.raises(type(exc)):
+        runs.atomic_write_bytes(path, b"new contents that never land\n")
+    monkeypatch.undo()
+    assert path.read_bytes() == b"old contents\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no .tmp left behind
+
+
+def test_save_checkpoint_failure_keeps_old_checkpoint(tmp_path, monkeypatch):
+    path = runs.save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1, "w": torch.ones(3)})
+    monkeypatch.setattr(gu.os, "replace", fail(OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        runs.save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    loaded = runs.load_checkpoint(path, required_keys=("epoch", "w"))
+    assert loaded["epoch"] == 1 and torch.equal(loaded["w"], torch.ones(3))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_atomic_write_replaces_content(tmp_path):
+    path = tmp_path / "f.json"
+    runs.write_json(path, {"a": 1})
+    runs.write_json(path, {"a": 2, "p": Path("/x")})
+    import json
+    assert json.loads(path.read_text()) == {"a": 2, "p": "/x"}
+
+
+def test_epoch_grid_paths_numeric_order(tmp_path):
+    (tmp_path / "grids").mkdir()
+    for e in (10, 2, 1, 100):
+        (tmp_path / "grids" / f"epoch_{e:03d}.png").write_bytes(b"")
+    assert [p.name for p in runs.epoch_grid_paths(tmp_path)] == ["epoch_001.png", "epoch_002.png",
+                                                               "epoch_010.png", "epoch_100.png"]
+
+
+def test_divergence_and_resume_messages():
+    config = {"lr_d": 0.5, "lr_g": 0.25, "beta1": 0.5, "batch_size": 64, "g_loss": "minimax"}
+    msg = runs.divergence_message(7, 2, config, Path("/runs/x/checkpoint.pt"))
+    assert "lr_d" in msg and "0.5" in msg and "lr_g" in msg and "0.25" in msg
+    assert "epoch 3" in msg and "/runs/x/checkpoint.pt" in msg and "resume" in msg
+    msg = runs.resume_message(Path("/runs/x/checkpoint.pt"), 4)
+    assert "resume" in msg and "/runs/x/checkpoint.pt" in msg and "epoch 4" in msg
+
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_export_generator(tmp_path, batchnorm):
+    torch.manual_seed(0)
+    G = method.Generator(100, batchnorm=batchnorm)
+    G.train()(torch.randn(32, 100))  # move BatchNorm's running statistics off their initial values
+    path = runs.export_generator(G, 100, tmp_path / "generator.pt2")
+    assert path.is_file() and G.training  # exported a copy: the model itself stays in train mode
+    exported = torch.export.load(str(path)).module()
+    for n in (1, 7):
+        z = torch.randn(n, 100)
+        out = exported(z)
+        assert out.shape == (n, 1, 28, 28)
+        assert out.min() >= -1 and out.max() <= 1
+        with torch.no_grad():
+            assert torch.allclose(out.reshape(n, 784), G.eval()(z), atol=1e-5)
+        G.train()
+
+
+def test_metrics_csv_round_trip(tmp_path):
+    history = [{"epoch": 1, "d_loss": 1.25, "g_loss": 0.5, "train_seconds": 3.0},
+               {"epoch": 2, "d_loss": 1.0, "g_loss": 0.75, "train_seconds": 6.5, "fd": 12.5}]
+    path = tmp_path / "metrics.csv"
+    runs.write_metrics_csv(path, history)
+    assert path.read_text().splitlines()[0] == "epoch,d_loss,g_loss,train_seconds,fd"
+    rows = runs.read_metrics_csv(path)
+    assert len(rows) == 2
+    assert rows[1] == {"epoch": 2.0, "d_loss": 1.0, "g_loss": 0.75, "train_seconds": 6.5, "fd": 12.5}
+    assert math.isnan(rows[0]["fd"])
+    assert {k: v for k, v in rows[0].items() if k != "fd"} == history[0]
+    # floats survive exactly (repr round trip)
+    runs.write_metrics_csv(path, [{"x": 0.1 + 0.2, "y": 1 / 3}])
+    assert runs.read_metrics_csv(path) == [{"x": 0.1 + 0.2, "y": 1 / 3}]
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path, umask_022):
+    # Run outputs (metrics, grids, checkpoints) should be readable like any file written with open():
+    # 0o666 less the umask, not the 0o600 of a private temporary file.
+    plain = tmp_path / "plain.txt"
+    plain.write_bytes(b"x")
+    runs.atomic_write_bytes(tmp_path / "atomic.txt", b"x")
+    gu.save_grid(torch.zeros(4, 784), tmp_path / "grid.png")
+    runs.save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1})
+    expected = plain.stat().st_mode & 0o777
+    assert expected == 0o644
+    for name in ("atomic.txt", "grid.png", "checkpoint.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, f"{name} is {oct((tmp_path / name).stat().st_mode & 0o777)}"
+
+
+def adam_after_resume(param_layout, saved_layout, restore) -> torch.Tensor:
+    """Two fused Adam steps on one 4-d weight; between them the optimizer is saved with its moments in
+    `saved_layout` and loaded into a fresh one whose weight lies in `param_layout`, by `restore`."""
+    w0, grads = torch.randn(8, 4, 3, 3), [torch.randn(8, 4, 3, 3) for _ in range(2)]
+    w = torch.nn.Parameter(w0.contiguous(memory_format=saved_layout))
+    opt = torch.optim.Adam([w], lr=0.1, fused=True)
+    w.grad = grads[0].contiguous(memory_format=saved_layout)
+    opt.step()
+    saved = opt.state_dict()
+    resumed = torch.nn.Parameter(w.detach().contiguous(memory_format=param_layout))
+    opt2 = torch.optim.Adam([resumed], lr=0.1, fused=True)
+    restore(opt2, saved)
+    resumed.grad = grads[1].contiguous(memory_format=param_layout)  # autograd's grads take the weight's layout
+    opt2.step()
+    return resumed.detach().contiguous()
+
+
+def test_a_checkpoint_in_another_layout_resumes_adam_exactly():
+    # A CPU checkpoint (channels_last) resumed on a GPU (usual layout), or one from before the layout
+    # change resumed on a CPU: the moments must follow the weights, or fused Adam pairs wrong elements.
+    def with_restore(opt, saved):
+        runs.restore_training_state({"opt": saved, "rng": runs.rng_state(), "history": [], "epoch": 0}, {"opt": opt})
+
+    for param_layout, saved_layout in ((torch.channels_last, torch.contiguous_format),
+                                       (torch.contiguous_format, torch.channels_last)):
+        torch.manual_seed(0)
+        reference = adam_after_resume(saved_layout, saved_layout, torch.optim.Optimizer.load_state_dict)
+        torch.manual_seed(0)
+        resumed = adam_after_resume(param_layout, saved_layout, with_restore)
+        torch.testing.assert_close(resumed, reference, rtol=0, atol=1e-6)
+
+
+def test_without_the_layout_fix_fused_adam_would_go_wrong():
+    # Why lay_out_like_params exists: torch's fused Adam does not check that the layouts agree.
+    torch.manual_seed(0)
+    reference = adam_after_resume(torch.contiguous_format, torch.contiguous_format, torch.optim.Optimizer.load_state_dict)
+    torch.manual_seed(0)
+    mismatched = adam_after_resume(torch.channels_last, torch.contiguous_format, torch.optim.Optimizer.load_state_dict)
+    assert (mismatched - reference).abs().max() > 1e-3

@@ -1,28 +1,32 @@
-"""How the training step runs fast on the hardware at hand, without changing what it computes.
+"""Choices made by the hardware at hand, none of which changes what a step computes.
 
-* `resolve_matmul_precision`: what `matmul_precision = "auto"` means on this machine (bfloat16 matmuls
-  where the CPU has AMX or on a GPU, float32 on a CPU without AMX, where bfloat16 is no faster).
-* `resolve_d_hidden`: what `d_hidden = "auto"` means here (D's hidden widths: 1024-512-256 on a GPU or
-  a CPU with AMX, 768-384-192 on a CPU without AMX, where a step is FLOP-bound; a resumed run keeps
-  the checkpoint's).
+* The CPU: `cpu_has_amx`, and `cpu_description` (the model, AMX / AVX-512 / AVX2 only, any cap), which
+  every run records in config.json so that its times name the machine.
+* `resolve_matmul_precision`: what `matmul_precision = "auto"` means here (bfloat16 matmuls where the
+  CPU has AMX or on a GPU, float32 on a CPU without AMX, where bfloat16 is no faster).
+  `hardware_kind` is what the "auto" settings go by (settings.resolve_d_hidden: D's widths).
 * `conv_memory_format`: the layout of a convolutional network's weights (channels_last on a CPU).
-* `step_runner`: the notebook's training step either as written (eager, the reference) or captured
-  in CUDA graphs (`cuda_graphs = True`): one graph per kind of step, replayed with no Python or kernel
-  launch overhead. The notebooks split their step into `step_schedule` (what a step does: a function
-  of the epoch and step alone) and `apply_step` (doing it), so both paths run the same code.
+* `pick_device`, `adam_kernel` (fused Adam where it exists), `float32_matmul_precision` (the block
+  the training runs in).
+* `step_runner`: the training step either as written (eager, the reference) or captured in CUDA
+  graphs (`cuda_graphs = True`): one graph per kind of step, replayed with no Python or kernel launch
+  overhead. The step is split into `step_schedule` (what a step does: a function of the epoch and
+  step alone) and `apply_step` (doing it), so both paths run the same code.
 
 Nothing here holds global state: a runner belongs to one run of the training cell.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from run_safety import built_with
+from gan.errors import ParameterError
 
 # ONEDNN_MAX_CPU_ISA values that leave AMX available (oneDNN's names; anything else caps below it).
 _ISA_WITH_AMX = ("ALL", "DEFAULT")
@@ -45,6 +49,32 @@ def cpu_has_amx(cpuinfo: str | None = None, max_isa: str | None = None) -> bool:
     return "amx_bf16" in cpuinfo.split()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (as lscpu shows it), or the platform's best guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_description(cpuinfo: str | None = None, environ=os.environ) -> str:
+    """The CPU as timings must name it: its model, the widest vector instructions it has (AMX,
+    AVX-512 or AVX2 only), and any cap on what PyTorch may use (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    flags = set(cpuinfo.split())
+    isa = ("AMX" if "amx_bf16" in flags else "AVX-512, no AMX" if "avx512f" in flags
+           else "AVX2 only" if "avx2" in flags else "no AVX2")
+    caps = [f"{name}={environ[name]}" for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if environ.get(name)]
+    return f"{cpu_model()} ({isa}{'; capped: ' + ', '.join(caps) if caps else ''})"
+
+
 def resolve_matmul_precision(precision: str, device: torch.device, amx: bool | None = None) -> tuple[str, str]:
     """(torch.set_float32_matmul_precision value, why) for the notebook parameter `matmul_precision`.
 
@@ -60,44 +90,15 @@ def resolve_matmul_precision(precision: str, device: torch.device, amx: bool | N
             "amx": ("medium", "auto: this CPU has AMX, which multiplies bfloat16 matrices 2-3x faster than float32"),
             "no_amx": ("highest", "auto: this CPU has no AMX (or ONEDNN_MAX_CPU_ISA caps it), where bfloat16 "
                                   "matmuls are no faster than float32: training in float32"),
-            }[_hardware(device, amx)]
+            }[hardware_kind(device, amx)]
 
 
-def _hardware(device: torch.device, amx: bool | None) -> str:
+def hardware_kind(device: torch.device, amx: bool | None) -> str:
     """What the "auto" settings go by: "gpu" (any device but the CPU), "amx" (a CPU whose AMX oneDNN
     may use) or "no_amx" (a CPU where a step is bound by float32 matmul FLOPs)."""
     if device.type != "cpu":
         return "gpu"
     return "amx" if (cpu_has_amx() if amx is None else amx) else "no_amx"
-
-
-# D's hidden-layer widths for `d_hidden = "auto"`: as most reimplementations have it where matmuls are
-# cheap, three quarters of that where the step is bound by float32 matmul FLOPs (docs/experiments.md,
-# "Narrower networks": 1.37x the images per second there, the same final scores; with AMX only 1.09x,
-# for a slightly worse FD, so the wider D stays).
-D_HIDDEN_WIDE = [1024, 512, 256]
-D_HIDDEN_NARROW = [768, 384, 192]
-
-
-def resolve_d_hidden(d_hidden, device: torch.device, model_config: dict | None = None,
-                     amx: bool | None = None) -> tuple[list[int], str]:
-    """(D's hidden widths, why) for the notebook parameter `d_hidden` (a list, or "auto").
-
-    "auto" keeps the widths of the networks `model_config` describes (a checkpoint's settings, or the
-    models already built in this kernel): a run resumes with the networks it has, on any machine.
-    Otherwise: D_HIDDEN_WIDE on a GPU or a CPU with AMX, D_HIDDEN_NARROW on a CPU without AMX.
-    """
-    if d_hidden != "auto":
-        return list(d_hidden), "as set"
-    if model_config is not None:  # its widths are resolved: configs hold what the networks were built with
-        return list(built_with(model_config, "d_hidden")), "auto: the widths of the networks being continued"
-    device = torch.device(device)
-    widths, why = {"gpu": (D_HIDDEN_WIDE, f"a {device.type} device, where a step is bound by kernel launches, not FLOPs"),
-                   "amx": (D_HIDDEN_WIDE, "this CPU has AMX, where narrower layers save little time"),
-                   "no_amx": (D_HIDDEN_NARROW, "this CPU has no AMX, so each float32 FLOP counts: 3/4 width, "
-                                               "22% fewer FLOPs a step, the same scores"),
-                   }[_hardware(device, amx)]
-    return list(widths), "auto: " + why
 
 
 def conv_memory_format(device: torch.device) -> torch.memory_format:
@@ -106,6 +107,53 @@ def conv_memory_format(device: torch.device) -> torch.memory_format:
     docs/experiments.md, "DCGAN on CIFAR-10"); unchanged elsewhere (untimed on GPUs). The weights' layout
     is only how they lie in memory: the networks compute the same function, to float32 rounding."""
     return torch.channels_last if torch.device(device).type == "cpu" else torch.preserve_format
+
+
+# --------------------------------------------------------------------------------------------
+# The device, and the kernels that run fastest on it
+# --------------------------------------------------------------------------------------------
+
+def mps_available() -> bool:
+    """Apple's GPU backend (older PyTorch builds lack torch.backends.mps altogether)."""
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """'auto' -> cuda if available, then mps, then cpu. A device that is not there is an error."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ParameterError(f"device = {requested!r} but PyTorch sees no CUDA GPU here: use 'auto' or 'cpu'")
+    if requested == "mps" and not mps_available():
+        raise ParameterError("device = 'mps' but MPS is not available here: use 'auto' or 'cpu'")
+    return torch.device(requested)
+
+
+def adam_kernel(device: torch.device) -> dict:
+    """Adam's fastest implementation here: the fused kernel (all tensors in one pass) on CPU and
+    CUDA, the foreach one elsewhere (e.g. MPS). Pass as torch.optim.Adam(..., **adam_kernel(dev))."""
+    return {"fused": True} if torch.device(device).type in ("cpu", "cuda") else {"foreach": True}
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str):
+    """torch.set_float32_matmul_precision(precision) inside the block; the previous setting after it.
+
+    "highest" is plain float32. "high" lets NVIDIA GPUs use TF32; "medium" lets CPUs with AMX (and
+    GPUs) compute float32 matmuls in bfloat16 with float32 accumulation: 2-3x faster matmuls, about
+    3 significant digits. The notebook trains inside this block and evaluates outside it, so Parzen
+    and the Frechet distance always see full float32 matmuls.
+    """
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,22 +305,23 @@ def set_capturable(parts: dict, capturable: bool) -> None:
                 group["capturable"] = capturable
 
 
-def step_runner(nb: dict, parts: dict, settings: dict, batch_shape: tuple, device: torch.device,
+def step_runner(method: dict, parts: dict, settings: dict, batch_shape: tuple, device: torch.device,
                 cuda_graphs: bool, report: Callable[[str], None] = print) -> Callable:
     """The training step for one run of the training cell: `run(real, epoch, step, steps_per_epoch)`.
 
-    `nb` holds the notebook's `train_step`, `step_schedule` and `apply_step`. With `cuda_graphs` on a
+    `method` holds `train_step`, `step_schedule` and `apply_step`: the notebook's globals() (so that a
+    cell that redefines one is what trains) or vars(gan.vanilla_gan). With `cuda_graphs` on a
     CUDA device, the step is captured (CapturedSteps); otherwise it is the notebook's `train_step`
     as written. `cuda_graphs` on another device falls back to it, and says so."""
     device = torch.device(device)
     if cuda_graphs and device.type == "cuda":
-        return CapturedSteps(nb["step_schedule"], nb["apply_step"], parts, settings, batch_shape, device)
+        return CapturedSteps(method["step_schedule"], method["apply_step"], parts, settings, batch_shape, device)
     set_capturable(parts, False)  # e.g. resuming on MPS from a checkpoint of a captured GPU run
     if cuda_graphs:
         report(f"cuda_graphs = True needs a CUDA device; this run trains on {device.type}, so the step "
                "runs as written (eager). Set cuda_graphs = False to silence this.")
 
     def run(real, epoch, step, steps_per_epoch):
-        return nb["train_step"](parts, real, epoch, step, steps_per_epoch, settings)
+        return method["train_step"](parts, real, epoch, step, steps_per_epoch, settings)
 
     return run

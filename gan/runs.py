@@ -6,8 +6,11 @@
   process per directory (a lock that names its holder).
 * How to continue: the command that resumes a run, in every message that needs it.
 * Stopping safely: SIGTERM behaves like Ctrl-C, and a second interrupt cannot tear a save.
-* Checkpoints: plain dicts, saved atomically, loaded with `weights_only` (no code runs), checked
-  against the notebook's settings before anything is written.
+* Checkpoints: plain dicts (`snapshot`: the config, every part's state_dict, the fixed noise, the
+  random-number state, the history), saved atomically, loaded with `weights_only` (no code runs);
+  `restore_training_state` puts one back, `roll_back` also puts the files back, and
+  `rolled_back_when_stopped` is the training loop's safety net (an interrupt, a NaN, any error).
+* The run's other files: config.json and metrics.json (`write_json`), metrics.csv, generator.pt2.
 
 The one piece of module-level state is the registry of run-directory locks this process holds (see
 claim_run_dir).
@@ -16,12 +19,16 @@ claim_run_dir).
 from __future__ import annotations
 
 import contextlib
+import copy
+import csv
 import errno
 import glob
 import io
 import json
+import math
 import os
 import pickle
+import random
 import shlex
 import shutil
 import signal
@@ -33,16 +40,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+
+from gan.errors import CheckpointError, DivergenceError, ParameterError
+from gan.hardware import mps_available
 
 try:  # POSIX: run directories are locked with flock; elsewhere they are not (see RunDirLock)
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
-
-
-class ParameterError(ValueError):
-    """A notebook parameter has a value it cannot take. The message names it and what is allowed."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,6 +158,27 @@ def _free_space(directory: Path) -> str:
         return f"{shutil.disk_usage(directory).free / 1e6:,.1f} MB"
     except OSError:
         return "unknown space"
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def write_metrics_csv(path: str | os.PathLike, history: list[dict]) -> None:
+    """Write the whole per-epoch history as CSV (atomically; columns = union of all keys)."""
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_bytes(Path(path), buffer.getvalue().encode())
+
+
+def read_metrics_csv(path: str | os.PathLike) -> list[dict]:
+    """Read metrics.csv back as a list of dicts of floats."""
+    with open(path, newline="") as f:
+        return [{k: float(v) if v != "" else math.nan for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,26 +566,6 @@ CHECKPOINT_FORMAT = "vanilla-gan-checkpoint/1"
 CHECKPOINT_KEYS = ("config", "epoch", "G", "D", "G_ema", "opt_G", "opt_D", "fixed_noise", "rng", "history")
 
 
-# Settings that fix the networks' shapes: a checkpoint made with other values cannot be loaded.
-ARCHITECTURE_KEYS = ("latent_dim", "g_hidden", "d_hidden", "g_batchnorm")
-
-
-# What the networks were built with in checkpoints made before a shape became a setting.
-ARCHITECTURE_BEFORE_SETTING = {"g_hidden": [256, 512, 1024], "d_hidden": [1024, 512, 256]}
-
-
-def built_with(model_config: dict, key: str):
-    """The value of architecture setting `key` that the networks of `model_config` (a checkpoint's
-    config, or the models built in this kernel) have: widths as a list; the old fixed shapes where the
-    config predates the setting."""
-    value = model_config.get(key, ARCHITECTURE_BEFORE_SETTING.get(key))
-    return list(value) if isinstance(value, tuple) else value
-
-
-class CheckpointError(RuntimeError):
-    """A file is not a checkpoint of this project, or does not fit the notebook's settings."""
-
-
 def _saved_epoch(path: Path) -> int | None:
     """The epoch of the checkpoint at `path`, or None when there is none or it cannot be read."""
     try:
@@ -631,34 +639,145 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", required_keys=C
     return checkpoint
 
 
-def notebook_of(config: dict) -> str:
-    """Which notebook a config (a checkpoint's, or the one in this kernel) belongs to: only DCGAN.ipynb
-    has the convolutional widths."""
-    return "DCGAN.ipynb" if "g_width" in config else "Vanilla_GAN.ipynb"
+# --------------------------------------------------------------------------------------------
+# Snapshots, rolling back, and the random numbers a resume restores
+# --------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and PyTorch's (all devices') generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
-def check_checkpoint_fits(checkpoint_config: dict, config: dict, keys=ARCHITECTURE_KEYS) -> None:
-    """Raise CheckpointError listing every architecture setting where checkpoint and notebook differ,
-    and the moving average of G switched on or off."""
-    def wanted(k):  # lists and tuples of widths compare equal
-        return list(config[k]) if isinstance(config.get(k), tuple) else config.get(k)
+def rng_state() -> dict:
+    """PyTorch's generator states (CPU, every CUDA device, Apple's MPS), as tensors a checkpoint can
+    hold: the noise a run draws on a GPU comes from that GPU's generator."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if mps_available():
+        state["mps"] = torch.mps.get_rng_state()
+    return state
 
-    made_by, resumed_in = notebook_of(checkpoint_config), notebook_of(config)
-    if made_by != resumed_in:  # every setting would differ: say why instead
-        raise CheckpointError(f"this is a checkpoint of {made_by}, not of {resumed_in}: resume it with "
-                              f"{made_by}, or start afresh with resume=''.")
 
-    diffs = [f"{k}: checkpoint has {built_with(checkpoint_config, k)!r}, notebook has {wanted(k)!r}"
-             + (" (the checkpoint predates this setting)" if k not in checkpoint_config else "")
-             for k in keys if built_with(checkpoint_config, k) != wanted(k)]
-    # The moving average of G may change its decay, but not go on or off: switched on, it would start
-    # from weights it never averaged; switched off, it would stop while still drawing every picture.
-    was, now = checkpoint_config.get("ema_decay"), config.get("ema_decay")
-    if was is not None and now is not None and (was > 0) != (now > 0):
-        diffs.append(f"ema_decay: checkpoint has {was!r}, notebook has {now!r} (the moving average of G is "
-                     "switched on or off only in a new run; to look at G itself, draw from G, e.g. "
-                     "gu.generate_images(G, 64, latent_dim))")
-    if diffs:
-        raise CheckpointError("the checkpoint does not fit the notebook's settings:\n  - "
-                              + "\n  - ".join(diffs)
-                              + "\nSet these parameters as the checkpoint has them, or start afresh with resume=''.")
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() returned. The states go back through the CPU: a checkpoint loaded
+    with map_location=<the GPU> holds them on the GPU, where torch.set_rng_state refuses them."""
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        # A checkpoint from a machine with more GPUs restores the ones this machine has (the run
+        # trains on one); set_rng_state_all would fail on the others.
+        for index, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state.cpu(), index)
+    if "mps" in state and mps_available():
+        torch.mps.set_rng_state(state["mps"].cpu())
+
+
+def divergence_message(step: int, epoch: int, config: dict, checkpoint: Path) -> str:
+    return (
+        f"Training diverged: a loss became NaN or inf in epoch {epoch + 1} (step {step}). The models "
+        f"were rolled back to the last completed epoch, saved in {checkpoint}. Look at: lr_d "
+        f"(now {config['lr_d']}) and lr_g (now {config['lr_g']}) -- halve them; beta1 "
+        f"(now {config['beta1']}); batch_size (now {config['batch_size']}); "
+        f"g_loss (now {config['g_loss']!r}; 'non_saturating' is the stable one). Then resume with "
+        f"resume={str(checkpoint)!r}."
+    )
+
+
+def snapshot(config: dict, epoch: int, parts: dict, fixed_noise: torch.Tensor, history: list) -> dict:
+    """Everything needed to continue exactly after `epoch`, as a plain dict (what checkpoint.pt holds:
+    torch.load(weights_only=True) reads it): the settings, every part's state_dict, the fixed noise,
+    the random-number state and the history. Deep copies, so later training cannot change it."""
+    return copy.deepcopy({"config": config, "epoch": epoch, **{k: part.state_dict() for k, part in parts.items()},
+                          "fixed_noise": fixed_noise, "rng": rng_state(), "history": history})
+
+
+def restore_training_state(state: dict, parts: dict) -> tuple[list, int]:
+    """Load a snapshot or checkpoint `state` into the training parts and the random-number
+    generators; returns copies of its (history, epoch). Copies throughout: an optimizer's
+    load_state_dict keeps the given state tensors as its own, so training would otherwise change
+    `state`, and loading it again (a second rollback, the build cell run again) would be inexact."""
+    for key, part in parts.items():
+        part.load_state_dict(copy.deepcopy(state[key]))
+        if isinstance(part, torch.optim.Optimizer):
+            lay_out_like_params(part)
+    set_rng_state(state["rng"])
+    return copy.deepcopy(state["history"]), state["epoch"]
+
+
+def lay_out_like_params(optimizer: torch.optim.Optimizer) -> None:
+    """Give each of the optimizer's state tensors its parameter's memory layout (strides). A model's
+    load_state_dict keeps the model's layout, an optimizer's keeps the saved one; the fused Adam kernel
+    reads a parameter and its moments element by element in memory order, so a checkpoint written in
+    another layout (channels_last on a CPU, not on a GPU, or by an older version) would silently
+    pair the wrong numbers. The values are unchanged."""
+    for param, state in optimizer.state.items():
+        for name, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def roll_back(state: dict, parts: dict, checkpoint_path: Path, run_path: Path) -> tuple[list, int]:
+    """Put the models, the random numbers and the files back to the snapshot `state` (after an
+    interrupt or a NaN): memory and disk then agree, and re-running the training cell continues from
+    there. Returns the snapshot's (history, epoch) for the notebook's variables."""
+    history, epoch = restore_training_state(state, parts)
+    save_checkpoint(checkpoint_path, state)
+    remove_grids_after(run_path, epoch)  # the unfinished epoch's grid, if it was written
+    if history:
+        write_metrics_csv(Path(run_path) / "metrics.csv", history)
+    return history, epoch
+
+
+@contextlib.contextmanager
+def rolled_back_when_stopped(roll_back_to_last_good: Callable[[], int], checkpoint_path: Path):
+    """The training loop's safety net. Ctrl-C, the stop button or SIGTERM (KeyboardInterrupt), a NaN
+    loss (DivergenceError) and any other error in an epoch (a full disk, out of memory) call
+    `roll_back_to_last_good()` (it returns the epoch it went back to), with a second interrupt held
+    until its save is done, then re-raise: re-running the training cell then trains the unfinished
+    epoch once, not on top of its half. An interrupt also prints how to resume."""
+    with sigterm_as_interrupt():
+        try:
+            yield
+        except KeyboardInterrupt:
+            with interrupts_deferred(reraise=False):
+                epoch = roll_back_to_last_good()
+                print("Interrupted: the unfinished epoch was rolled back. " + resume_message(checkpoint_path, epoch))
+            raise
+        except Exception as error:
+            with interrupts_deferred(reraise=False):
+                try:
+                    epoch = roll_back_to_last_good()
+                except Exception as failed:  # e.g. the disk is still full: the error above is the news
+                    print(f"note: rolling back after {type(error).__name__} failed too ({type(failed).__name__}: "
+                          f"{failed}); restart the kernel and resume from {checkpoint_path}.")
+                else:
+                    if not isinstance(error, DivergenceError):  # its message says which settings to look at
+                        print(f"{type(error).__name__} in epoch {epoch + 1}: that epoch was rolled back. "
+                              + resume_message(checkpoint_path, epoch))
+            raise
+
+
+# --------------------------------------------------------------------------------------------
+# The trained generator, on its own
+# --------------------------------------------------------------------------------------------
+
+def export_generator(generator: torch.nn.Module, latent_dim: int, path: str | os.PathLike,
+                     image_shape: tuple = (1, 28, 28)) -> Path:
+    """Export the generator with torch.export (eval mode, dynamic batch) to a .pt2 file.
+
+    Load it anywhere with `torch.export.load(path).module()`: noise (N, latent_dim) -> images
+    (N, *image_shape) in [-1, 1], for any batch size N >= 1 (no upper bound: memory is the limit).
+    """
+    # Whatever the generator's output layout (flat 784 pixels for the MLP), (N, C, H, W) images:
+    # the layout other tools expect.
+    shape = (torch.nn.Flatten(), torch.nn.Unflatten(1, tuple(image_shape)))
+    model = torch.nn.Sequential(copy.deepcopy(generator), *shape).cpu().eval()
+    example = torch.randn(4, latent_dim)
+    batch = torch.export.Dim("batch", min=1)  # an upper bound would be a guard that fails above it
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)

@@ -14,7 +14,7 @@ Three sources, one result (`ImageSet`: uint8 images (N, C, S, S) on the CPU, lab
 
 The images stay uint8 (a quarter of float32's memory, 150 MB for CIFAR-10's 50,000 training
 images at 32 px); the training loop slices a minibatch (`gan_utils.minibatches`) and converts only
-that batch to the model range [-1, 1] (`to_model_range` below, which wraps mnist_data's).
+that batch to the model range [-1, 1] (`gan_utils.to_model_range`).
 
 Cache
 -----
@@ -53,9 +53,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageOps
 
-import gan_utils as gu
-import mnist_data
-from mnist_data import DataError
+from gan import mnist_data
+from gan.errors import DataError, ParameterError
+from gan.settings import FD_MIN_SAMPLES, KNN_MIN_SAMPLES
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DATASETS = ("cifar10", "mnist")
@@ -101,12 +101,6 @@ def subset(s: ImageSet, n: int) -> ImageSet:
     return ImageSet(s.images[:n], None if s.labels is None else s.labels[:n], s.class_names, s.source)
 
 
-def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> float32 of the same shape in [-1, 1] (mnist_data.to_model_range,
-    which flattens to (N, C*H*W), reshaped back)."""
-    return mnist_data.to_model_range(images_uint8).view(images_uint8.shape)
-
-
 def check_enough_images(n: int, batch_size: int, what: str = "the training set") -> None:
     """Raise DataError when `n` images do not fill one batch of `batch_size` (an epoch would be empty)."""
     if n < batch_size:
@@ -120,9 +114,9 @@ def check_enough_images(n: int, batch_size: int, what: str = "the training set")
 def check_real_sets(n_reference: int, n_real: int, from_test_split: bool, final_evaluation: bool) -> None:
     """Raise DataError when the real images the scores compare with are too few, before training
     rather than at its end: the reference's covariance (the Frechet distance, every epoch) needs
-    gu.FD_MIN_SAMPLES images, and the final evaluation's precision and recall (k-nearest neighbours)
-    need gu.KNN_MIN_SAMPLES in the reference and as many real training images scored as samples."""
-    need = max(gu.FD_MIN_SAMPLES, gu.KNN_MIN_SAMPLES if final_evaluation else 0)
+    FD_MIN_SAMPLES images, and the final evaluation's precision and recall (k-nearest neighbours)
+    need KNN_MIN_SAMPLES in the reference and as many real training images scored as samples."""
+    need = max(FD_MIN_SAMPLES, KNN_MIN_SAMPLES if final_evaluation else 0)
     short = [f"{name}: {n:,}" for name, n, used in (("reference images", n_reference, True),
                                                     ("real training images to score", n_real, final_evaluation))
              if used and n < need]
@@ -393,7 +387,7 @@ def load_image_folder(folder: str | os.PathLike, image_size: int, cache_dir: str
     be read (all of them named, with the count of the fine ones).
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-        raise gu.ParameterError(f"image_size must be an integer >= 8 (e.g. 32 or 64), got {image_size!r}")
+        raise ParameterError(f"image_size must be an integer >= 8 (e.g. 32 or 64), got {image_size!r}")
     folder = Path(folder).expanduser()
     files, labels, class_names = _scan(folder)
     key = _cache_key(files, image_size)

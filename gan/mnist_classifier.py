@@ -6,7 +6,7 @@ knows nothing particular about handwritten digits, is large, and would have to b
 customary substitute on MNIST is a small classifier trained on MNIST itself. Its class
 probabilities give the "Inception-style" score and the digit histogram; its penultimate layer (128
 features, normalised) is the feature space for the Frechet distance, KID and precision/recall
-(`gan_metrics`).
+(`gan.metrics`).
 
 It is trained only on the paper's 50,000 training images (validation and test images are never
 seen), with small random shifts as augmentation, and it is deliberately cheap to run: two strided
@@ -15,12 +15,11 @@ convolutions instead of convolutions followed by pooling, because the per-epoch 
 
 Train (writes weights/mnist_classifier.pt, prints validation and test accuracy):
 
-    python mnist_classifier.py --data-dir /path/to/data --threads 1
+    python scripts/train_mnist_classifier.py --data-dir /path/to/data --threads 1
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -29,16 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_data import load_mnist
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "mnist_classifier.pt"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "mnist_classifier.pt"
 WEIGHTS_FORMAT = "mnist-classifier/1"
 FEATURE_DIM = 128
-RETRAIN_COMMAND = "python mnist_classifier.py --data-dir <dir holding MNIST/raw> --threads 1"
+RETRAIN_COMMAND = "python scripts/train_mnist_classifier.py --data-dir <dir holding MNIST/raw> --threads 1"
 
 
 class FeatureClassifier(nn.Module):
-    """What gan_metrics needs of a reference classifier, shared by MnistClassifier and
+    """What gan.metrics needs of a reference classifier, shared by MnistClassifier and
     cifar_classifier.CifarClassifier: a subclass defines `hidden(x)` (the penultimate layer),
     `logits_from_hidden(hidden)` and the buffers `feature_mean` and `feature_scale`."""
 
@@ -218,33 +216,3 @@ def load_classifier(path: str | os.PathLike = DEFAULT_WEIGHTS,
 def classifier_metadata(path: str | os.PathLike = DEFAULT_WEIGHTS) -> dict:
     """The metadata stored with the weights (accuracies, seed, epochs, training time)."""
     return torch.load(path, map_location="cpu", weights_only=True)["meta"]
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Train the MNIST reference classifier for the GAN metrics.")
-    parser.add_argument("--data-dir", default=os.environ.get("GAN_DATA_DIR", "data"),
-                        help="directory holding MNIST/raw (default: $GAN_DATA_DIR or 'data')")
-    parser.add_argument("--out", default=str(DEFAULT_WEIGHTS))
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 leaves the other core to a GAN training run)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-
-    splits = load_mnist(args.data_dir)
-    started = time.perf_counter()
-    model = train_classifier(splits.train_x, splits.train_y, epochs=args.epochs, seed=args.seed)
-    seconds = time.perf_counter() - started
-    val_acc = accuracy(model, splits.val_x, splits.val_y)
-    test_acc = accuracy(model, splits.test_x, splits.test_y)
-    print(f"trained in {seconds:.0f} s on {args.threads} thread(s); "
-          f"val accuracy {100 * val_acc:.2f}%, test accuracy {100 * test_acc:.2f}%")
-    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses.
-    meta = {"val_acc": val_acc, "test_acc": test_acc, "epochs": args.epochs, "seed": args.seed,
-            "train_seconds": round(seconds, 1), "threads": args.threads, "torch": str(torch.__version__)}
-    write_classifier(save_classifier, model, args.out, meta, test_acc, bar=0.992, reference=DEFAULT_WEIGHTS)
-
-
-if __name__ == "__main__":
-    main()

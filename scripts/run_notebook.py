@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run Vanilla_GAN.ipynb headless (what `make run` calls), and stop it safely on Ctrl-C or SIGTERM.
 
-    python run_notebook.py [NOTEBOOK] [-o OUTPUT] [-k KERNEL] [--cwd DIR] [-p NAME VALUE]...
+    python scripts/run_notebook.py [NOTEBOOK] [-o OUTPUT] [-k KERNEL] [--cwd DIR] [-p NAME VALUE]...
 
 papermill's own command line dies on the first Ctrl-C or SIGTERM (from `kill`, a job scheduler, a
 closing terminal): a ZMQ traceback, "Aborted!", and the kernel is shut down while it may still be
@@ -17,7 +17,7 @@ as `-p d_hidden '[512, 256]'` too). run_dir defaults as in the notebook (the res
 directory, else runs/<date-time>/) and is always passed to the notebook, so both agree; the executed
 notebook goes to <run_dir>/<notebook> unless -o says otherwise. Before anything is written, a run
 directory that holds another run or is in use by another process is refused
-(run_safety.check_run_dir), so the executed notebook of a finished run is never overwritten. The
+(runs.check_run_dir), so the executed notebook of a finished run is never overwritten. The
 kernel process's own stderr (not the cells' output, which papermill shows) goes to
 <run_dir>/kernel.log.
 
@@ -36,6 +36,8 @@ import signal
 import sys
 import threading
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: gan/ and gan_utils.py
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 KERNEL_LOG = "kernel.log"  # in the run directory: the kernel process's stderr (see Stopper.kernel_manager_class)
@@ -125,8 +127,8 @@ class Stopper:
         name = signal.Signals(signum).name
         if len(self.signals) == 1:
             reached = self.cells_started > 0 and self.signal_kernel(signal.SIGINT)
-            # The resume report needs run_safety (torch: seconds to import): load it while the kernel saves.
-            threading.Thread(target=importlib.import_module, args=("run_safety",), daemon=True).start()
+            # The resume report needs gan.runs (torch: seconds to import): load it while the kernel saves.
+            threading.Thread(target=importlib.import_module, args=("gan.runs",), daemon=True).start()
             say(f"\n{name}: stopping. " + ("Interrupted the kernel: it rolls back to the last completed "
                                           "epoch and saves the checkpoint; waiting for it."
                                           if reached else "No cell is running; none will start."))
@@ -163,26 +165,26 @@ def has_entries(path: Path) -> bool:
 
 
 def refuse_taken_run_dir(run_dir: Path, parameters: dict) -> None:
-    """run_safety.check_run_dir before anything is written (imported only when the directory has
-    something in it: run_safety imports torch, seconds that a fresh directory need not wait)."""
+    """runs.check_run_dir before anything is written (imported only when the directory has
+    something in it: gan.runs imports torch, seconds that a fresh directory need not wait)."""
     if has_entries(run_dir):
-        import run_safety
-        run_safety.check_run_dir(run_dir, str(parameters.get("resume") or ""),
+        from gan import runs
+        runs.check_run_dir(run_dir, str(parameters.get("resume") or ""),
                                  bool(parameters.get("overwrite", False)))
 
 
 def resume_report(run_dir: Path) -> str:
     """How to continue, read from the run directory: its checkpoint and the epoch it holds."""
-    import run_safety
+    from gan import runs
     checkpoint = run_dir / "checkpoint.pt"
     if not checkpoint.is_file():
         return (f"No checkpoint in {run_dir} yet: nothing to resume. Start again there with "
-                f"`{run_safety.restart_command(run_dir)}`, or with another RUN_DIR.")
+                f"`{runs.restart_command(run_dir)}`, or with another RUN_DIR.")
     try:
-        epoch = run_safety.load_checkpoint(checkpoint)["epoch"]
-    except run_safety.CheckpointError as exc:
+        epoch = runs.load_checkpoint(checkpoint)["epoch"]
+    except runs.CheckpointError as exc:
         return f"The checkpoint cannot be resumed: {exc}"
-    return run_safety.resume_message(checkpoint, epoch)
+    return runs.resume_message(checkpoint, epoch)
 
 
 def execute(args, run_dir: Path, output: Path, stopper: Stopper) -> tuple[int, str]:
@@ -222,7 +224,7 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = args.parameters
-    # The notebook's own rule (run_safety.resolve_run_dir), without importing torch for it.
+    # The notebook's own rule (runs.resolve_run_dir), without importing torch for it.
     if params.get("run_dir"):
         run_dir = Path(str(params["run_dir"])).expanduser()
     elif params.get("resume"):

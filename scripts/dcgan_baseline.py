@@ -8,7 +8,7 @@ BatchNorm and LeakyReLU ending in a Sigmoid; weights drawn from N(0, 0.02); `BCE
 lr 2e-4 and betas (0.5, 0.999); real and fake batches through D separately; `.item()` every step (the
 original prints every step). Nothing of this project's speed or quality work is in it.
 
-    python dcgan_baseline.py --train-folder DIR/train --test-folder DIR/test --seconds 1320 --out runs/baseline.json
+    python scripts/dcgan_baseline.py --train-folder DIR/train --test-folder DIR/test --seconds 1320 --out runs/baseline.json
 
 trains for --seconds of training time (the clock stops while it scores), scores 2,000 samples every
 --score-every seconds (a time-to-quality curve), then 10,000 samples: Frechet distance, KID,
@@ -22,16 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: gan/ and gan_utils.py
 
 import torch
 import torch.nn as nn
 
-import cifar_classifier
-import gan_metrics as gm
 import gan_utils as gu
-import image_data
+from gan import cifar_classifier, image_data, runs
+from gan import metrics as gm
 
 
 def weights_init(m: nn.Module) -> None:
@@ -139,7 +140,7 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(a.seed)
     test = image_data.load_image_folder(a.test_folder, 32)
-    reference_images = image_data.to_model_range(test.images[:10000])
+    reference_images = gu.to_model_range(test.images[:10000])
     classifier = cifar_classifier.load_classifier()
     reference = gm.reference_stats(classifier, reference_images)
     recipe, loader = Recipe(), examples_loader(a.train_folder, workers=a.workers)
@@ -161,7 +162,7 @@ def main(argv=None) -> dict:
     final = gm.image_evaluation(to_32(samples), reference_images, None, classifier)  # no memorisation check
     result = {"args": vars(a), "train_seconds": clock.elapsed(), "images_seen": images,
               "epochs_seen": images / len(loader.dataset), "curve": curve, "final": final}
-    gu.write_json(a.out, result)
+    runs.write_json(a.out, result)
     gu.save_grid(samples[:64], Path(a.out).with_suffix(".png"))
     print(json.dumps(final), flush=True)
     return result

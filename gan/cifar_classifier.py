@@ -1,6 +1,6 @@
 """A small ResNet that classifies CIFAR-10: the reference network for scoring generated colour images.
 
-The colour counterpart of `mnist_classifier.py`, with the same API, so `gan_metrics` uses either:
+The colour counterpart of `mnist_classifier.py`, with the same API, so `gan.metrics` uses either:
 its class probabilities give the Inception-style score and the class histogram, its penultimate
 layer (256 features, normalised) the feature space for the Frechet distance, KID and
 precision/recall. Like the MNIST one, it stands in for ImageNet's Inception-v3: small, trained on
@@ -19,7 +19,7 @@ Trained on CIFAR-10's 50,000 training images only; the test images are never see
 
 Train (writes weights/cifar10_classifier.pt, prints test accuracy, overall and per class):
 
-    python cifar_classifier.py --data-dir /path/to/data --threads 2
+    python scripts/train_cifar_classifier.py --data-dir /path/to/data --threads 2
 
 where the data directory holds cifar-10-batches-py/ (torchvision's python format; downloaded when
 missing) or cifar10/train/ and cifar10/test/ image folders (see image_data.load_dataset).
@@ -27,9 +27,7 @@ missing) or cifar10/train/ and cifar10/test/ image folders (see image_data.load_
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -37,15 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from image_data import to_model_range
-from mnist_classifier import FeatureClassifier, write_classifier  # normalise, features, features_and_logits, forward  # uint8 -> [-1, 1], shape kept
+from gan.mnist_classifier import FeatureClassifier  # normalise, features, features_and_logits, forward
+from gan_utils import to_model_range  # uint8 -> [-1, 1], shape kept
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "cifar10_classifier.pt"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "cifar10_classifier.pt"
 WEIGHTS_FORMAT = "cifar10-classifier/1"
 WIDTH = 32  # channels of the first stage; the stages have WIDTH x (1, 2, 4, 8)
 FEATURE_DIM = 8 * WIDTH  # 256
 NUM_CLASSES = 10
-RETRAIN_COMMAND = ("python cifar_classifier.py --data-dir <dir holding cifar-10-batches-py/ or "
+RETRAIN_COMMAND = ("python scripts/train_cifar_classifier.py --data-dir <dir holding cifar-10-batches-py/ or "
                    "cifar10/{train,test}/> --threads 2")
 
 
@@ -222,7 +220,7 @@ def save_classifier(model: CifarClassifier, path: str | os.PathLike, meta: dict)
     types, so weights_only loading works. Written atomically."""
     import io
 
-    from run_safety import atomic_write_bytes
+    from gan.runs import atomic_write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -257,61 +255,3 @@ def classifier_metadata(path: str | os.PathLike = DEFAULT_WEIGHTS) -> dict:
     """The metadata stored with the weights (accuracies, per-class accuracies, seed, epochs,
     training time, threads, CPU)."""
     return torch.load(path, map_location="cpu", weights_only=True)["meta"]
-
-
-def cpu_model() -> str:
-    """The CPU's model name (as lscpu shows it), or the platform's best guess."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Train the CIFAR-10 reference classifier for the GAN metrics.")
-    parser.add_argument("--data-dir", default=os.environ.get("GAN_DATA_DIR", "data"),
-                        help="directory holding cifar-10-batches-py/ or cifar10/{train,test}/ "
-                             "(default: $GAN_DATA_DIR or 'data')")
-    parser.add_argument("--out", default=str(DEFAULT_WEIGHTS))
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=0.4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--float32", action="store_true", help="train in float32 instead of bfloat16 autocast")
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="stop after this many steps (to measure speed); nothing is saved")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-
-    from image_data import load_dataset
-
-    train, test = load_dataset("cifar10", args.data_dir, 32)
-    print(f"train: {len(train):,} images from {train.source}; test: {len(test):,} from {test.source}")
-    started = time.perf_counter()
-    model = train_classifier(train.images, train.labels, epochs=args.epochs, batch_size=args.batch_size,
-                             lr=args.lr, seed=args.seed, bf16=not args.float32, max_steps=args.max_steps)
-    seconds = time.perf_counter() - started
-    if args.max_steps is not None:
-        print(f"stopped after {args.max_steps} steps in {seconds:.0f} s; nothing saved")
-        return
-    result = evaluate(model, test.images, test.labels)
-    print(f"trained in {seconds:.0f} s on {args.threads} thread(s) of {cpu_model()}; test accuracy "
-          f"{100 * result['acc']:.2f}% with flip averaging, {100 * result['acc_no_flip']:.2f}% without")
-    for name, acc in zip(test.class_names, result["per_class"]):
-        print(f"  {name:>10}: {100 * acc:.1f}%")
-    # Plain types only (str(), float()): weights_only loading refuses anything else.
-    meta = {"test_acc": result["acc"], "test_acc_no_flip": result["acc_no_flip"],
-            "per_class_acc": {n: a for n, a in zip(test.class_names, result["per_class"])},
-            "class_names": list(test.class_names), "epochs": args.epochs, "batch_size": args.batch_size,
-            "lr": args.lr, "seed": args.seed, "bf16": not args.float32,
-            "train_seconds": round(seconds, 1), "threads": args.threads, "cpu": cpu_model(),
-            "train_source": train.source, "test_source": test.source, "torch": str(torch.__version__)}
-    write_classifier(save_classifier, model, args.out, meta, result["acc"], bar=0.85, reference=DEFAULT_WEIGHTS)
-
-
-if __name__ == "__main__":
-    main()

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import gan_utils as gu
-import mnist_data
+from gan import errors
+from gan import mnist_data
 from conftest import RAW_NAMES, listing
 
 TEST_IMAGES = mnist_data.MNIST_FILES["test_images"].name
@@ -68,20 +69,21 @@ def test_labels_are_digits(splits, split):
 def test_split_is_the_papers(splits, arrays):
     # train = first 50,000 of the training file, val = its last 10,000, test = the test file
     train_images, train_labels = arrays["train_images"], arrays["train_labels"]
-    assert torch.equal(splits.train_x, mnist_data.to_model_range(train_images[:50_000]))
-    assert torch.equal(splits.val_x, mnist_data.to_model_range(train_images[50_000:]))
-    assert torch.equal(splits.test_x, mnist_data.to_model_range(arrays["test_images"]))
+    assert torch.equal(splits.train_x, gu.to_model_range(train_images[:50_000]).flatten(1))
+    assert torch.equal(splits.val_x, gu.to_model_range(train_images[50_000:]).flatten(1))
+    assert torch.equal(splits.test_x, gu.to_model_range(arrays["test_images"]).flatten(1))
     assert torch.equal(splits.train_y, torch.as_tensor(train_labels[:50_000].astype(np.int64)))
     assert torch.equal(splits.val_y, torch.as_tensor(train_labels[50_000:].astype(np.int64)))
     assert torch.equal(splits.test_y, torch.as_tensor(arrays["test_labels"].astype(np.int64)))
 
 
 def test_to_model_range_values():
-    x = mnist_data.to_model_range(np.array([[[0, 255], [127, 128]]], dtype=np.uint8))
-    assert x.shape == (1, 4) and x.dtype == torch.float32
+    x = gu.to_model_range(np.array([[[0, 255], [127, 128]]], dtype=np.uint8))
+    assert x.shape == (1, 2, 2) and x.dtype == torch.float32  # the shape is kept; load_mnist flattens
+    x = x.flatten(1)
     assert x[0, 0].item() == -1.0 and x[0, 1].item() == 1.0
     assert abs(x[0, 2].item() + 1 / 255) < 1e-6 and abs(x[0, 3].item() - 1 / 255) < 1e-6
-    assert torch.allclose(mnist_data.to_unit_range(x), torch.tensor([[0.0, 1.0, 127 / 255, 128 / 255]]))
+    assert torch.allclose(gu.to_unit_range(x), torch.tensor([[0.0, 1.0, 127 / 255, 128 / 255]]))
 
 
 def test_train_subset_keeps_val_and_test(data_dir, splits):
@@ -147,7 +149,7 @@ def test_missing_files_without_download(tmp_path, monkeypatch):
     monkeypatch.setattr("urllib.request.urlopen", no_network)
     root = tmp_path / "empty"
     (root / "MNIST" / "raw").mkdir(parents=True)
-    with pytest.raises(mnist_data.DataError) as info:
+    with pytest.raises(errors.DataError) as info:
         mnist_data.load_mnist(root, download=False)
     msg = str(info.value)
     assert str((root / "MNIST" / "raw").resolve()) in msg
@@ -160,7 +162,7 @@ def test_missing_files_without_download(tmp_path, monkeypatch):
 def test_missing_directory_without_download_creates_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr("urllib.request.urlopen", no_network)
     root = tmp_path / "nowhere"
-    with pytest.raises(mnist_data.DataError) as info:
+    with pytest.raises(errors.DataError) as info:
         mnist_data.ensure_mnist(root, download=False)
     assert "nowhere" in str(info.value) and "GAN_DATA_DIR" in str(info.value)
     assert not root.exists()
@@ -187,7 +189,7 @@ def test_truncated_unpacked_file(make_mnist_copy):
 def load_error_leaving_dir_untouched(root, download=False):
     """load_mnist must fail with a DataError and leave the directory as it was; returns the message."""
     before = listing(root)
-    with pytest.raises(mnist_data.DataError) as info:
+    with pytest.raises(errors.DataError) as info:
         mnist_data.load_mnist(root, download=download)
     assert listing(root) == before  # nothing written, nothing deleted, no .part file left
     return str(info.value)
@@ -212,7 +214,7 @@ def test_corrupt_image_dimensions(make_mnist_copy):
     root = make_mnist_copy(plain=True, names=[TEST_IMAGES])
     path = root / "MNIST" / "raw" / TEST_IMAGES
     overwrite_bytes(path, 8, (14).to_bytes(4, "big") + (56).to_bytes(4, "big"))  # 14x56: same byte count, wrong shape
-    with pytest.raises(mnist_data.DataError) as info:
+    with pytest.raises(errors.DataError) as info:
         mnist_data.read_mnist_file(path.parent, mnist_data.MNIST_FILES["test_images"])
     assert str(path) in str(info.value) and "28x28" in str(info.value)
 
@@ -367,7 +369,7 @@ def test_download_cut_short_leaves_no_part_file(make_mnist_copy, data_dir, monke
     root = make_mnist_copy(names=[n for n in RAW_NAMES if n != TEST_LABELS])
     before = listing(root)
     monkeypatch.setattr("urllib.request.urlopen", fake_urlopen)
-    with pytest.raises(mnist_data.DataError) as info:
+    with pytest.raises(errors.DataError) as info:
         mnist_data.load_mnist(root, download=True)
     assert len(calls) == len(mnist_data.MNIST_MIRRORS)  # every mirror tried
     assert all(u.endswith(TEST_LABELS + ".gz") for u in calls)
@@ -382,7 +384,7 @@ def test_unreachable_mirrors_give_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr("urllib.request.urlopen", offline)
     root = tmp_path / "d"
-    with pytest.raises(mnist_data.DataError) as info:
+    with pytest.raises(errors.DataError) as info:
         mnist_data.ensure_mnist(root, download=True)
     msg = str(info.value)
     assert "no route to host" in msg and "GAN_DATA_DIR" in msg

@@ -17,11 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-import gan_speed as gs
 import gan_utils as gu
-import run_safety
+from gan import runs
+from gan import settings
+from gan import vanilla_gan as method
 from conftest import (NOTEBOOK, REPO_ROOT, TINY_PARAMS, cell_text, execute_cached, is_machine_column, kernel_env,
-                      metrics_rows, notebook_text)
+                      metrics_rows, notebook_text, names_used_before_defined)
 
 LOSS_COLUMNS = ("d_loss", "g_loss", "d_x", "d_g_z")
 
@@ -37,13 +38,8 @@ def run(tiny_run):
     return tiny_run
 
 
-@pytest.fixture(scope="module")
-def definitions():
-    return gu.load_notebook_definitions(NOTEBOOK)
-
-
 def training_cell(nb):
-    return next(c for c in nb.cells if c.cell_type == "code" and "train_one_epoch(epoch, bar)" in c.source
+    return next(c for c in nb.cells if c.cell_type == "code" and "train_one_epoch(epoch, bar, step_fn)" in c.source
                 and "for epoch in range(epochs_done, epochs)" in c.source)
 
 
@@ -67,7 +63,7 @@ def test_parameters_were_injected(run):
 
 def test_config_json(run):
     config = json.loads((run.run_dir / "config.json").read_text())
-    assert set(gu.PARAMETER_RULES) <= set(config)
+    assert set(settings.PARAMETER_RULES) <= set(config)
     assert config["latent_dim"] == 100
     for name, value in TINY_PARAMS.items():
         assert config[name] == value, name
@@ -77,7 +73,7 @@ def test_config_json(run):
 
 
 def test_metrics_csv_one_row_per_epoch(run):
-    rows = gu.read_metrics_csv(run.run_dir / "metrics.csv")
+    rows = runs.read_metrics_csv(run.run_dir / "metrics.csv")
     assert [row["epoch"] for row in rows] == [1.0, 2.0]
     for row in rows:
         for key in LOSS_COLUMNS:
@@ -116,31 +112,31 @@ def test_other_pictures(run):
 
 
 def test_checkpoint(run):
-    ck = run_safety.load_checkpoint(run.run_dir / "checkpoint.pt")
+    ck = runs.load_checkpoint(run.run_dir / "checkpoint.pt")
     assert ck["epoch"] == 2
     assert {"G", "D", "G_ema", "opt_G", "opt_D", "fixed_noise", "rng", "history", "config"} <= set(ck)
     assert ck["config"]["latent_dim"] == 100 and ck["config"]["g_batchnorm"] is True
     assert ck["fixed_noise"].shape == (64, 100)
-    rows = gu.read_metrics_csv(run.run_dir / "metrics.csv")
+    rows = runs.read_metrics_csv(run.run_dir / "metrics.csv")
     assert [{k: float(v) for k, v in r.items()} for r in ck["history"]] == rows
     for key in ("G", "D", "G_ema"):
         assert all(torch.isfinite(t).all() for t in ck[key].values() if t.is_floating_point()), key
 
 
-def test_checkpoint_loads_into_the_notebooks_networks(run, definitions):
-    ck = run_safety.load_checkpoint(run.run_dir / "checkpoint.pt")
-    G = definitions["Generator"](100, batchnorm=True)
+def test_checkpoint_loads_into_the_notebooks_networks(run):
+    ck = runs.load_checkpoint(run.run_dir / "checkpoint.pt")
+    G = method.Generator(100, batchnorm=True)
     G.load_state_dict(ck["G_ema"])
-    D = definitions["Discriminator"](ck["config"]["d_hidden"], dropout=0.3)  # "auto" widths differ by CPU
+    D = method.Discriminator(ck["config"]["d_hidden"], dropout=0.3)  # "auto" widths differ by CPU
     D.load_state_dict(ck["D"])
     with torch.no_grad():
         assert D.eval()(G.eval()(ck["fixed_noise"])).shape == (64,)
 
 
-def test_exported_generator(run, definitions):
+def test_exported_generator(run):
     exported = torch.export.load(str(run.run_dir / "generator.pt2")).module()
-    ck = run_safety.load_checkpoint(run.run_dir / "checkpoint.pt")
-    G_ema = definitions["Generator"](100, batchnorm=True)
+    ck = runs.load_checkpoint(run.run_dir / "checkpoint.pt")
+    G_ema = method.Generator(100, batchnorm=True)
     G_ema.load_state_dict(ck["G_ema"])
     G_ema.eval()
     for n in (1, 7):
@@ -178,7 +174,7 @@ def comparable(rows):
 
 
 def same_weights(path_a: Path, path_b: Path, keys=("G", "D", "G_ema")):
-    a, b = run_safety.load_checkpoint(path_a), run_safety.load_checkpoint(path_b)
+    a, b = runs.load_checkpoint(path_a), runs.load_checkpoint(path_b)
     for key in keys:
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
@@ -202,14 +198,14 @@ def test_resume_equals_straight_run(run, notebook_runs, tmp_path, data_dir):
     assert comparable(metrics_rows(resumed_dir)) == comparable(metrics_rows(straight.run_dir))
     assert [r["epoch"] for r in metrics_rows(resumed_dir)] == [1.0, 2.0, 3.0, 4.0]
     same_weights(resumed_dir / "checkpoint.pt", straight.run_dir / "checkpoint.pt")
-    assert run_safety.load_checkpoint(resumed_dir / "checkpoint.pt")["epoch"] == 4
+    assert runs.load_checkpoint(resumed_dir / "checkpoint.pt")["epoch"] == 4
     with Image.open(resumed_dir / "progress.gif") as gif:
         assert gif.n_frames == 4
 
 
 def test_auto_d_widths_follow_the_hardware_and_a_resume_keeps_its_own(run, tmp_path, data_dir):
     config = json.loads((run.run_dir / "config.json").read_text())
-    assert config["d_hidden"] == gs.resolve_d_hidden("auto", torch.device("cpu"))[0]
+    assert config["d_hidden"] == settings.resolve_d_hidden("auto", torch.device("cpu"))[0]
     assert config["d_hidden_reason"].startswith("auto: ")
     # A run made with other widths (as "auto" picks on another kind of machine) continues with its own.
     first = execute_cached(tmp_path / "first", data_dir, d_hidden=[64, 32], epochs=1, eval_samples=0)
@@ -218,7 +214,7 @@ def test_auto_d_widths_follow_the_hardware_and_a_resume_keeps_its_own(run, tmp_p
                             epochs=2, eval_samples=0)
     second.check()
     assert "D's hidden layers: [64, 32] (auto: the widths of the networks being continued)" in notebook_text(second.nb)
-    resumed = run_safety.load_checkpoint(first.run_dir / "checkpoint.pt")
+    resumed = runs.load_checkpoint(first.run_dir / "checkpoint.pt")
     assert resumed["epoch"] == 2 and resumed["config"]["d_hidden"] == [64, 32]
 
 
@@ -226,12 +222,12 @@ def test_sweep_trains_the_same_weights_as_the_notebook(run, tmp_path, data_dir):
     # One definition of the step: sweep.py, with the notebook's seed and settings, ends where the
     # notebook's training ended, bit for bit (same threads as the notebook's kernel).
     weights = tmp_path / "sweep_weights.pt"
-    subprocess.run([sys.executable, "sweep.py", "--data-dir", str(data_dir), "--epochs", "2", "--final-samples", "0",
+    subprocess.run([sys.executable, "scripts/sweep.py", "--data-dir", str(data_dir), "--epochs", "2", "--final-samples", "0",
                     "--train-subset", str(TINY_PARAMS["train_subset"]), "--batch-size", str(TINY_PARAMS["batch_size"]),
                     "--seed", str(TINY_PARAMS["seed"]), "--save-weights", str(weights), "--out", str(tmp_path / "s.json")],
                    cwd=REPO_ROOT, env={**os.environ, **kernel_env()}, check=True, capture_output=True)
     swept = torch.load(weights, weights_only=True)
-    notebook = run_safety.load_checkpoint(run.run_dir / "checkpoint.pt")
+    notebook = runs.load_checkpoint(run.run_dir / "checkpoint.pt")
     for key in ("G", "D", "G_ema"):
         for name, tensor in notebook[key].items():
             assert torch.equal(tensor, swept[key][name]), f"{key}.{name} differs between the notebook and sweep.py"
@@ -252,10 +248,10 @@ def notebook_that_continues(path: Path, new_settings: str) -> Path:
 def test_running_the_training_cell_again_continues_with_new_settings(tmp_path, data_dir):
     variant = notebook_that_continues(tmp_path / "continue.ipynb", "epochs += 1\nlr_g = 1e-4")
     result = execute_cached(tmp_path, data_dir, notebook=variant, epochs=2).check()
-    rows = gu.read_metrics_csv(result.run_dir / "metrics.csv")
+    rows = runs.read_metrics_csv(result.run_dir / "metrics.csv")
     assert [row["epoch"] for row in rows] == [1.0, 2.0, 3.0]  # one more row, not a restart
     assert [row["lr_g"] for row in rows] == [TINY_PARAMS.get("lr_g", 8e-4)] * 2 + [1e-4]
-    ck = run_safety.load_checkpoint(result.run_dir / "checkpoint.pt")
+    ck = runs.load_checkpoint(result.run_dir / "checkpoint.pt")
     assert ck["epoch"] == 3 and ck["config"]["epochs"] == 3 and ck["config"]["lr_g"] == 1e-4
     assert [group["lr"] for group in ck["opt_G"]["param_groups"]] == [1e-4]  # the optimizer's rate changed
     assert [group["lr"] for group in ck["opt_D"]["param_groups"]] == [ck["config"]["lr_d"]]
@@ -318,4 +314,9 @@ def test_papermill_reads_every_parameter_of_the_parameters_cell():
     # papermill infers the parameters from the tagged cell; a line it cannot parse makes it warn
     # "Passed unknown parameter" for a real parameter on every headless run.
     inferred = papermill.inspect_notebook(str(gu.Path(__file__).resolve().parents[1] / "Vanilla_GAN.ipynb"))
-    assert set(inferred) == set(gu.PARAMETER_RULES)
+    assert set(inferred) == set(settings.PARAMETER_RULES)
+
+
+def test_the_notebook_reads_straight_down():
+    # No cell uses a name that only a later cell defines (a reader meets each piece before its use).
+    assert names_used_before_defined(NOTEBOOK) == []

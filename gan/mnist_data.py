@@ -24,7 +24,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from run_safety import new_file_replacing, remove_dead_temp_files
+from gan.errors import DataError
+from gan.runs import new_file_replacing, remove_dead_temp_files
+from gan_utils import to_model_range
 
 DATA_DIR_ENV = "GAN_DATA_DIR"  # environment variable that overrides the notebook's default data_dir
 
@@ -71,10 +73,6 @@ MNIST_FILES = {
 # training images train, the last 10,000 are the validation set, the 10,000 test images are only
 # used for final numbers.
 N_TRAIN = 50000
-
-
-class DataError(RuntimeError):
-    """MNIST is missing, truncated or corrupt. The message says which file and what to do."""
 
 
 def _md5(path: Path) -> str:
@@ -299,18 +297,6 @@ def load_mnist_arrays(data_dir: str | os.PathLike, download: bool = True) -> dic
     return {key: read_mnist_file(raw_dir, spec) for key, spec in MNIST_FILES.items()}
 
 
-def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 images (N, 28, 28) -> float32 (N, 784) in [-1, 1], the range of the generator's tanh."""
-    x = torch.as_tensor(np.array(images_uint8) if isinstance(images_uint8, np.ndarray) else images_uint8)
-    x = x.reshape(len(x), -1).float()
-    return x.div_(127.5).sub_(1.0)
-
-
-def to_unit_range(x: torch.Tensor) -> torch.Tensor:
-    """Model-range images in [-1, 1] -> [0, 1] (pixels as the paper's Parzen code sees them)."""
-    return (x + 1.0) / 2.0
-
-
 @dataclass
 class MnistSplits:
     """The paper's split, each image set as one float32 (N, 784) tensor in [-1, 1] on one device."""
@@ -335,7 +321,7 @@ def load_mnist(data_dir: str | os.PathLike, device: str | torch.device = "cpu",
     n_train = min(train_subset, N_TRAIN) if train_subset > 0 else N_TRAIN
 
     def put(a: np.ndarray, as_images: bool) -> torch.Tensor:
-        t = to_model_range(a) if as_images else torch.as_tensor(a.astype(np.int64))
+        t = to_model_range(a).reshape(len(a), -1) if as_images else torch.as_tensor(a.astype(np.int64))
         return t.to(device)
 
     return MnistSplits(

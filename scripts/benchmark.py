@@ -2,8 +2,9 @@
 
 Measures, in one process on one machine:
   (a) the notebook's training step (its own `train_step`: Algorithm 1's D and G updates, the lazy R1
-      step every `r1_every` steps and the EMA update, with its networks and default settings, read
-      from Vanilla_GAN.ipynb: no second copy that can drift), on the dataset held as one tensor;
+      step every `r1_every` steps and the EMA update, with its networks and default settings,
+      imported from gan/vanilla_gan.py, which the notebook exports: no second copy that can drift),
+      on the dataset held as one tensor;
   (b) a naive reference pipeline, written the way typical GAN repos train: torchvision's MNIST
       Dataset with ToTensor + Normalize, a shuffling DataLoader, Sigmoid + BCELoss, a fresh noise
       batch (second G forward) for the generator step, default Adam, `.item()` every step;
@@ -13,11 +14,11 @@ Measures, in one process on one machine:
 It prints images/s for (a) and (b), their ratio, (a)'s FLOP rate as a share of (c) and peak memory,
 and writes the figures as JSON.
 
-    python benchmark.py --data-dir /path/to/data            # CPU, the notebook's default batch size
-    python benchmark.py --device cuda --matmul-precision high   # a GPU, with TF32 matmuls
-    python benchmark.py --dcgan --data-dir /path/to/data   # DCGAN.ipynb against pytorch/examples' DCGAN
-    python benchmark.py --score-epochs 0                   # (a), (b), (c) only: skip the timed training run
-    python benchmark.py --device cuda --cuda-graphs        # (a) replayed from CUDA graphs
+    python scripts/benchmark.py --data-dir /path/to/data            # CPU, the notebook's default batch size
+    python scripts/benchmark.py --device cuda --matmul-precision high   # a GPU, with TF32 matmuls
+    python scripts/benchmark.py --dcgan --data-dir /path/to/data   # DCGAN.ipynb against pytorch/examples' DCGAN
+    python scripts/benchmark.py --score-epochs 0                   # (a), (b), (c) only: skip the timed training run
+    python scripts/benchmark.py --device cuda --cuda-graphs        # (a) replayed from CUDA graphs
 """
 
 from __future__ import annotations
@@ -25,20 +26,21 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: gan/ and gan_utils.py
 
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-import gan_speed as gs
 import gan_utils as gu
-import mnist_data
-
-NOTEBOOK = Path(__file__).with_name("Vanilla_GAN.ipynb")
-DCGAN_NOTEBOOK = Path(__file__).with_name("DCGAN.ipynb")
+from gan import dcgan, hardware, image_data, mnist_data, runs, settings
+from gan import vanilla_gan as method
+from gan.errors import ParameterError
 
 
 def synchronize(device: torch.device) -> None:
@@ -86,7 +88,7 @@ def medium_precision_speedup(device: torch.device, layers: list[tuple[int, int, 
 
     for _ in range(rounds):
         for precision, times in best.items():
-            with gu.float32_matmul_precision(precision):
+            with hardware.float32_matmul_precision(precision):
                 for i, layer in enumerate(tensors):
                     train_layer(*layer)  # warm-up: kernel selection, weight reorders at this precision
                     synchronize(device)
@@ -130,14 +132,14 @@ class CountFlops(TorchDispatchMode):
         return out
 
 
-def build_models(nb: dict, cfg: dict, device: torch.device):
+def build_models(cfg: dict, device: torch.device):
     torch.manual_seed(cfg["seed"])
-    G = nb["Generator"](cfg["latent_dim"], cfg["g_hidden"], cfg["g_batchnorm"]).to(device)
-    D = nb["Discriminator"](cfg["d_hidden"], cfg["d_dropout"]).to(device)
+    G = method.Generator(cfg["latent_dim"], cfg["g_hidden"], cfg["g_batchnorm"]).to(device)
+    D = method.Discriminator(cfg["d_hidden"], cfg["d_dropout"]).to(device)
     return G, D
 
 
-def time_notebook_step(nb: dict, cfg: dict, train_x: torch.Tensor, seconds: float, profile_steps: int = 0,
+def time_notebook_step(cfg: dict, train_x: torch.Tensor, seconds: float, profile_steps: int = 0,
                        cuda_graphs: bool = False) -> dict:
     """(a): the notebook's train_step over its minibatches, as the training cell runs it (replayed
     from CUDA graphs if cuda_graphs, on a CUDA device); then, if profile_steps, torch.profiler over
@@ -145,11 +147,11 @@ def time_notebook_step(nb: dict, cfg: dict, train_x: torch.Tensor, seconds: floa
     training cell does."""
     device = train_x.device
     torch.manual_seed(cfg["seed"])
-    parts = nb["build_training_parts"](cfg, device)
+    parts = method.build_training_parts(cfg, device)
     bs = cfg["batch_size"]
     steps_per_epoch = len(train_x) // bs
     r1_every = cfg["r1_every"] if cfg["r1_gamma"] > 0 else 0
-    runner = gs.step_runner(nb, parts, cfg, (bs, *train_x.shape[1:]), device, cuda_graphs)
+    runner = hardware.step_runner(vars(method), parts, cfg, (bs, *train_x.shape[1:]), device, cuda_graphs)
 
     def step(real, number, epoch=0):
         return runner(real, epoch, number, steps_per_epoch)
@@ -202,7 +204,7 @@ def time_shares(events) -> dict:
     return {**shares, "rest": 1.0 - sum(shares.values())}
 
 
-def time_naive_pipeline(nb: dict, cfg: dict, data_dir: str, device: torch.device, seconds: float,
+def time_naive_pipeline(cfg: dict, data_dir: str, device: torch.device, seconds: float,
                         num_workers: int) -> dict:
     """(b): the typical pipeline, same networks and batch size, for comparison."""
     from torchvision import datasets, transforms
@@ -214,7 +216,7 @@ def time_naive_pipeline(nb: dict, cfg: dict, data_dir: str, device: torch.device
         [transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))]))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=True,
                                          drop_last=True, num_workers=num_workers)
-    G, D = build_models(nb, cfg, device)
+    G, D = build_models(cfg, device)
     D = nn.Sequential(D, nn.Sigmoid())  # probabilities + BCELoss, as most repos do
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg["lr_g"], betas=(cfg["beta1"], 0.999))
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], betas=(cfg["beta1"], 0.999))
@@ -284,19 +286,16 @@ def peak_memory_mb(device: torch.device) -> dict:
 def time_dcgan_step(cfg: dict, train_images: torch.Tensor, seconds: float) -> dict:
     """DCGAN.ipynb's step as its training cell runs it: its networks and settings, the MNIST notebook's
     train_step, minibatches sliced from the uint8 tensor and scaled on the device."""
-    import image_data
-    game = gu.load_notebook_definitions(NOTEBOOK)
-    dcgan = gu.load_notebook_definitions(DCGAN_NOTEBOOK)
     torch.manual_seed(cfg["seed"])
-    parts = dcgan["build_training_parts"](cfg, train_images.device, train_images.shape[1])
+    parts = dcgan.build_training_parts(cfg, train_images.device, train_images.shape[1])
     bs, steps_per_epoch = cfg["batch_size"], len(train_images) // cfg["batch_size"]
-    with gu.float32_matmul_precision(cfg["matmul_precision"]):
+    with hardware.float32_matmul_precision(cfg["matmul_precision"]):
         for number in range(1, 6):  # warm-up
-            game["train_step"](parts, image_data.to_model_range(train_images[:bs]), 0, number, steps_per_epoch, cfg)
+            method.train_step(parts, gu.to_model_range(train_images[:bs]), 0, number, steps_per_epoch, cfg)
         images, epoch, started, sums = 0, 0, time.perf_counter(), torch.zeros(5, device=train_images.device)
         while time.perf_counter() - started < seconds:
             for number, batch in enumerate(gu.minibatches(train_images, bs, cfg["seed"], epoch), 1):
-                sums += game["train_step"](parts, image_data.to_model_range(batch), epoch, number, steps_per_epoch, cfg)
+                sums += method.train_step(parts, gu.to_model_range(batch), epoch, number, steps_per_epoch, cfg)
                 images += bs
                 if number % cfg["log_every"] == 0 and time.perf_counter() - started >= seconds:
                     break
@@ -325,10 +324,9 @@ def time_examples_dcgan(train_folder: str, seconds: float, workers: int) -> dict
 
 def dcgan_main(args) -> dict:
     """--dcgan: DCGAN.ipynb's step against the pytorch/examples recipe, on CIFAR-10's JPEG folder."""
-    import image_data
-    cfg = gu.notebook_defaults(DCGAN_NOTEBOOK, gu.DCGAN_PARAMETER_RULES)
-    device = gu.pick_device(args.device)
-    cfg["matmul_precision"] = gs.resolve_matmul_precision(cfg["matmul_precision"], device)[0]
+    cfg = dcgan.notebook_parameters()
+    device = hardware.pick_device(args.device)
+    cfg["matmul_precision"] = hardware.resolve_matmul_precision(cfg["matmul_precision"], device)[0]
     folder = Path(args.data_dir) / "cifar10" / "train"
     if not folder.is_dir():  # both sides read the same JPEG files; pytorch/examples' ImageFolder needs them
         raise SystemExit(f"benchmark.py --dcgan reads CIFAR-10 as folders of images, {folder}/<class>/*.jpg, "
@@ -343,7 +341,7 @@ def dcgan_main(args) -> dict:
               "settings": {k: cfg[k] for k in ("image_size", "batch_size", "g_width", "d_width", "matmul_precision")},
               "epoch_seconds_50k": 50000 / ours["images_per_s"], "versions": gu.library_versions()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    gu.write_json(args.out, result)
+    runs.write_json(args.out, result)
     print(f"device {device}, {torch.get_num_threads()} threads\n"
           f"  (a) DCGAN.ipynb step      {ours['images_per_s']:8.0f} images/s  ({cfg['image_size']} px, widths "
           f"{cfg['g_width']}/{cfg['d_width']}, batch {cfg['batch_size']}; one epoch of 50,000 in {result['epoch_seconds_50k']:.0f} s)\n"
@@ -365,7 +363,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of the naive pipeline")
     parser.add_argument("--r1-gamma", type=float, default=None, help="override the notebook's (0: no R1 step)")
     parser.add_argument("--r1-every", type=int, default=None, help="override the notebook's steps between R1 steps")
-    parser.add_argument("--matmul-precision", choices=gu.MATMUL_PRECISIONS, default=None,
+    parser.add_argument("--matmul-precision", choices=settings.MATMUL_PRECISIONS, default=None,
                         help="float32 matmul precision of (a); default: the notebook's")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after timing (a), profile this many of its steps and print where the time goes")
@@ -383,7 +381,7 @@ def main(argv=None) -> dict:
     if args.dcgan:
         return dcgan_main(args)
 
-    cfg = gu.notebook_defaults(NOTEBOOK)
+    cfg = method.notebook_parameters()
     if args.batch_size is not None:
         cfg["batch_size"] = args.batch_size
     if args.r1_gamma is not None:
@@ -396,25 +394,24 @@ def main(argv=None) -> dict:
         if getattr(args, name):
             cfg[name] = getattr(args, name)
     try:  # the notebook's own rules, before minutes of timing: --batch-size 0, --r1-every 0, ...
-        gu.validate_parameters(cfg)
+        settings.validate_parameters(cfg)
         if args.seconds <= 0 or args.score_epochs < 0 or args.profile < 0:
-            raise gu.ParameterError(f"--seconds ({args.seconds}) must be positive, --score-epochs "
+            raise ParameterError(f"--seconds ({args.seconds}) must be positive, --score-epochs "
                                     f"({args.score_epochs}) and --profile ({args.profile}) 0 or more")
-    except gu.ParameterError as exc:
+    except ParameterError as exc:
         parser.error(str(exc))
-    device = gu.pick_device(args.device)
+    device = hardware.pick_device(args.device)
     precision_setting = cfg["matmul_precision"]
-    cfg["matmul_precision"], precision_reason = gs.resolve_matmul_precision(precision_setting, device)
-    cfg["d_hidden"], d_hidden_reason = gs.resolve_d_hidden(cfg["d_hidden"], device)
-    nb = gu.load_notebook_definitions(NOTEBOOK)
+    cfg["matmul_precision"], precision_reason = hardware.resolve_matmul_precision(precision_setting, device)
+    cfg["d_hidden"], d_hidden_reason = settings.resolve_d_hidden(cfg["d_hidden"], device)
     data = mnist_data.load_mnist(args.data_dir, device=device, download=True)
 
     peak = matmul_peak_gflops(device)  # plain float32: the yardstick whatever (a) runs at
     reduced = cfg["matmul_precision"] != "highest"
-    with gu.float32_matmul_precision(cfg["matmul_precision"]):  # (a) only, as the notebook trains
+    with hardware.float32_matmul_precision(cfg["matmul_precision"]):  # (a) only, as the notebook trains
         peak_at_precision = matmul_peak_gflops(device) if reduced else peak
-        ours = time_notebook_step(nb, cfg, data.train_x, args.seconds, args.profile, args.cuda_graphs)
-    naive = time_naive_pipeline(nb, cfg, args.data_dir, device, args.seconds, args.num_workers)
+        ours = time_notebook_step(cfg, data.train_x, args.seconds, args.profile, args.cuda_graphs)
+    naive = time_naive_pipeline(cfg, args.data_dir, device, args.seconds, args.num_workers)
     speedup = medium_precision_speedup(device, step_layers(cfg))
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "batch_size": cfg["batch_size"], "r1_gamma": cfg["r1_gamma"],
@@ -444,7 +441,7 @@ def main(argv=None) -> dict:
         extra += ("  profile of (a): " + ", ".join(f"{k} {v:.0%}" for k, v in ours["profile"].items())
                   + f"; the matmuls alone run at {result['matmul_only_share_of_peak']:.0%} of peak\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    gu.write_json(args.out, result)
+    runs.write_json(args.out, result)
     print(f"device {device}, {torch.get_num_threads()} threads, batch size {cfg['batch_size']}, r1_gamma {cfg['r1_gamma']}"
           f", D hidden {cfg['d_hidden']} ({d_hidden_reason}), G hidden {cfg['g_hidden']}, matmul precision {cfg['matmul_precision']} ({precision_reason})\n"
           f"  matmul peak (fp32)        {peak:8.1f} GFLOP/s\n"

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mnist_data import MnistSplits, to_unit_range
+from gan.mnist_data import MnistSplits
+from gan_utils import to_unit_range
 
 # Goodfellow et al. 2014, Table 1, MNIST column: Parzen window log-likelihood (nats) +- standard error.
 # A constant (read, never written): plain dict so that it goes into JSON as it is.

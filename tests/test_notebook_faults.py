@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-import run_safety
+from gan import runs
 from conftest import (NOTEBOOK, REPO_ROOT, cell_text, execute_cached, kernel_env, metrics_rows,
                       notebook_params, notebook_text, without_machine_columns)
 
@@ -36,7 +36,7 @@ def reference(notebook_runs):
 def check_checkpoint(path: Path, reference_rows) -> tuple[dict, list[str]]:
     """Load the checkpoint (CheckpointError if torn or corrupt) and list how it departs from the
     undisturbed run: its history must be that run's first `epoch` rows, its weights finite."""
-    ck = run_safety.load_checkpoint(path)
+    ck = runs.load_checkpoint(path)
     epoch, problems = ck["epoch"], []
     if len(ck["history"]) != epoch:
         problems.append(f"epoch {epoch} but {len(ck['history'])} history rows")
@@ -185,8 +185,8 @@ def test_sigkill_then_resume_equals_undisturbed_run(reference, data_dir, tmp_pat
     same_rows = [int(r["epoch"]) for r, ref in zip(rows, ref_rows) if r == ref]
     if rows != ref_rows:
         problems.append(f"final metrics.csv differs from the undisturbed run (epochs equal: {same_rows})")
-    final_ck = run_safety.load_checkpoint(run_dir / "checkpoint.pt")
-    ref_ck = run_safety.load_checkpoint(reference.run_dir / "checkpoint.pt")
+    final_ck = runs.load_checkpoint(run_dir / "checkpoint.pt")
+    ref_ck = runs.load_checkpoint(reference.run_dir / "checkpoint.pt")
     if final_ck["epoch"] != FAULT_PARAMS["epochs"]:
         problems.append(f"final checkpoint at epoch {final_ck['epoch']}")
     differing = [f"{key}.{n}" for key in ("G", "D", "G_ema") for n, v in ref_ck[key].items()
@@ -251,7 +251,7 @@ def test_divergence_names_learning_rates_and_keeps_a_good_checkpoint(data_dir, t
     assert run.error.ename == "DivergenceError"
     text = str(run.error)
     assert "lr_d (now 10000000000.0)" in text and "lr_g (now " in text
-    ck = run_safety.load_checkpoint(run.run_dir / "checkpoint.pt")
+    ck = runs.load_checkpoint(run.run_dir / "checkpoint.pt")
     assert ck["epoch"] == 0 and ck["history"] == []  # rolled back to before the first epoch
     for key in ("G", "D", "G_ema"):
         for name, t in ck[key].items():

@@ -1,97 +1,15 @@
-"""The fast path's logic, checked on the CPU: no host sync inside a training step, the reuse of the
-fakes for G's step, and the benchmark's output."""
+"""scripts/benchmark.py: its figures (the notebook's step, the naive pipeline, the matmul peak, the
+timed training run) and its refusals of bad options before timing anything."""
 
-import copy
+from __future__ import annotations
+
 import json
-from pathlib import Path
-
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
-import gan_speed as gs
-import gan_utils as gu
-
-REPO = Path(__file__).resolve().parents[1]
-NOTEBOOK = REPO / "Vanilla_GAN.ipynb"
-
-# Tensor methods that copy a value to the host: on a GPU each one stalls until the queue drains.
-HOST_SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
-              torch.Tensor.__int__, torch.Tensor.cpu, torch.Tensor.numpy}
-
-
-class RecordHostSyncs(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in HOST_SYNCS:
-            self.calls.append(getattr(func, "__name__", str(func)))
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.fixture(scope="module")
-def nb():
-    return gu.load_notebook_definitions(NOTEBOOK)
-
-
-def make_pair(nb, batchnorm=True):
-    torch.manual_seed(0)
-    G, D = nb["Generator"](16, batchnorm=batchnorm), nb["Discriminator"](dropout=0.3)
-    opt_G = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=True)
-    opt_D = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=True)
-    return G, D, opt_G, opt_D
-
-
-def test_adversarial_update_never_reads_values_to_the_host(nb):
-    G, D, opt_G, opt_D = make_pair(nb)
-    real = torch.rand(32, 784) * 2 - 1
-    with RecordHostSyncs() as recorder:
-        for update_g in (True, False):
-            nb["adversarial_update"](G, D, opt_G, opt_D, real, 16, update_g=update_g)
-    assert recorder.calls == []
-
-
-def test_r1_step_never_reads_values_to_the_host(nb):
-    _, D, _, opt_D = make_pair(nb)
-    with RecordHostSyncs() as recorder:
-        nb["r1_step"](D, opt_D, torch.rand(32, 784) * 2 - 1, 1.0, 4)
-    assert recorder.calls == []
-
-
-def test_the_whole_recipe_step_never_reads_values_to_the_host(nb):
-    # train_step with every part on: a G step, an R1 step (step 4) and the EMA update.
-    s = {**gu.notebook_defaults(NOTEBOOK), "latent_dim": 16, "r1_every": 4, "d_hidden": [1024, 512, 256]}
-    parts = nb["build_training_parts"](s, "cpu")
-    with RecordHostSyncs() as recorder:
-        for step in (3, 4):
-            nb["train_step"](parts, torch.rand(32, 784) * 2 - 1, 0, step, 10, s)
-    assert recorder.calls == []
-
-
-def test_reusing_the_fakes_gives_the_generator_step_of_algorithm_1(nb):
-    # adversarial_update reuses the D step's fakes for G's step. With the same z that is exactly the G step of
-    # Algorithm 1 after D's update: check both networks against an explicit D step, then a fresh G forward
-    # through the updated D (which a G step on the stale logits of the D step would fail).
-    torch.manual_seed(0)
-    G, D = nb["Generator"](16, batchnorm=False), nb["Discriminator"](dropout=0.0)  # no dropout: one D
-    G2, D2 = copy.deepcopy(G), copy.deepcopy(D)
-    opt_G, opt_D, opt_G2, opt_D2 = (torch.optim.Adam(m.parameters(), lr=1e-3, betas=(0.5, 0.999)) for m in (G, D, G2, D2))
-    real = torch.rand(8, 784) * 2 - 1
-    torch.manual_seed(1)
-    nb["adversarial_update"](G, D, opt_G, opt_D, real, 16)
-
-    torch.manual_seed(1)
-    z = torch.randn(8, 16)  # the draw adversarial_update made
-    opt_D2.zero_grad()
-    nb["discriminator_loss"](D2(real), D2(G2(z).detach())).backward()
-    opt_D2.step()
-    opt_G2.zero_grad()
-    nb["generator_loss"](D2(G2(z))).backward()  # fresh fakes, the updated D
-    opt_G2.step()
-    for a, b in zip([*G.parameters(), *D.parameters()], [*G2.parameters(), *D2.parameters()]):
-        torch.testing.assert_close(a, b)
+from gan import hardware
+from gan import settings
+from gan import vanilla_gan as method
 
 
 def step_matmul_flops(s):
@@ -108,12 +26,6 @@ def step_matmul_flops(s):
     return 2 * macs, 2 * L_D
 
 
-def test_step_flop_count_of_the_old_widths():
-    # The count above against the figure counted for the first benchmark (D 1024-512-256): 28.97 MFLOP.
-    plain, _ = step_matmul_flops({"latent_dim": 100, "g_hidden": [256, 512, 1024], "d_hidden": [1024, 512, 256]})
-    assert plain == 28_975_104
-
-
 def test_benchmark_writes_its_figures(tmp_path, data_dir):
     import benchmark
 
@@ -127,21 +39,21 @@ def test_benchmark_writes_its_figures(tmp_path, data_dir):
     assert saved["notebook_step"]["images_per_s"] > 0 and saved["naive_pipeline"]["images_per_s"] > 0
     # The FLOP count matches the networks' matmuls, counted by hand from the layer shapes, plus a
     # quarter of an R1 step (every 4th step; a forward and a double backward through D).
-    plain, d_forward = step_matmul_flops({**gu.notebook_defaults(REPO / "Vanilla_GAN.ipynb"), "d_hidden": saved["d_hidden"]})
-    assert saved["d_hidden"] == gs.resolve_d_hidden("auto", torch.device("cpu"))[0]  # "auto", as the notebook resolves it
+    plain, d_forward = step_matmul_flops({**method.notebook_parameters(), "d_hidden": saved["d_hidden"]})
+    assert saved["d_hidden"] == settings.resolve_d_hidden("auto", torch.device("cpu"))[0]  # "auto", as the notebook resolves it
     assert plain + 3.4 * d_forward / 4 < saved["notebook_step"]["flops_per_image"] < plain + 8.6 * d_forward / 4
     assert result["speedup_vs_naive"] == pytest.approx(
         result["notebook_step"]["images_per_s"] / result["naive_pipeline"]["images_per_s"])
 
 
-def test_naive_pipeline_reads_a_directory_with_only_the_downloaded_gz_files(nb, make_mnist_copy):
+def test_naive_pipeline_reads_a_directory_with_only_the_downloaded_gz_files(make_mnist_copy):
     # mnist_data downloads only the .gz files; torchvision's MNIST(download=False) would call that
     # directory empty, so benchmark.py failed after `make run` on a fresh machine.
     import benchmark
 
     root = make_mnist_copy(plain=False, gz=True)
-    cfg = {**gu.notebook_defaults(NOTEBOOK), "batch_size": 32, "d_hidden": [64, 32], "g_hidden": [32, 64]}
-    result = benchmark.time_naive_pipeline(nb, cfg, str(root), torch.device("cpu"), seconds=0.1, num_workers=0)
+    cfg = {**method.notebook_parameters(), "batch_size": 32, "d_hidden": [64, 32], "g_hidden": [32, 64]}
+    result = benchmark.time_naive_pipeline(cfg, str(root), torch.device("cpu"), seconds=0.1, num_workers=0)
     assert result["images"] >= 32 and result["images_per_s"] > 0
     assert (root / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()  # unpacked beside, as torchvision does
 
@@ -152,13 +64,13 @@ def test_medium_precision_speedup_times_the_steps_largest_layers_at_both_precisi
     cfg = {"batch_size": 4, "d_hidden": [12, 6], "g_hidden": [8, 16]}
     assert benchmark.step_layers(cfg) == [(8, 784, 12), (8, 12, 6), (4, 16, 784)]
     seen = []
-    real_precision = gu.float32_matmul_precision
+    real_precision = hardware.float32_matmul_precision
 
     def recording(precision):
         seen.append(precision)
         return real_precision(precision)
 
-    monkeypatch.setattr(benchmark.gu, "float32_matmul_precision", recording)
+    monkeypatch.setattr(benchmark.hardware, "float32_matmul_precision", recording)
     speedup = benchmark.medium_precision_speedup(torch.device("cpu"), benchmark.step_layers(cfg), rounds=2, reps=2)
     assert speedup > 0
     assert seen == ["highest", "medium"] * 2  # alternating rounds, so that other load hits both alike
@@ -236,3 +148,9 @@ def test_benchmark_refuses_bad_options_before_timing_anything(argv, message, cap
     with pytest.raises(SystemExit):
         benchmark.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_step_flop_count_of_the_old_widths():
+    # The count above against the figure counted for the first benchmark (D 1024-512-256): 28.97 MFLOP.
+    plain, _ = step_matmul_flops({"latent_dim": 100, "g_hidden": [256, 512, 1024], "d_hidden": [1024, 512, 256]})
+    assert plain == 28_975_104

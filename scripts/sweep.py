@@ -1,8 +1,8 @@
 """Try a training recipe quickly: the notebook's networks and training step, scored every epoch.
 
 The tables of `docs/experiments.md` come from this script. It trains with the notebook's own
-definitions (`build_training_parts` and `train_step`, read from Vanilla_GAN.ipynb: no second copy
-that can drift) on the same minibatches, so with the same settings it trains exactly the weights the
+definitions (`build_training_parts` and `train_step`, imported from `gan/vanilla_gan.py`, the module
+the notebook exports: no second copy that can drift) on the same minibatches, so with the same settings it trains exactly the weights the
 notebook trains; it leaves out the notebook's plots, checkpoints and final Parzen evaluation. Every
 epoch it prints one JSON line with the score and Frechet distance of 2,000 samples; at the end it
 scores 10,000 samples (score, FD, precision, recall, digit shares) and writes everything to `--out`;
@@ -11,11 +11,11 @@ scores 10,000 samples (score, FD, precision, recall, digit shares) and writes ev
 Every training setting of the notebook's parameters cell is an option (`--lr-g`, `--r1-gamma`, ...,
 defaults from the notebook). Two sweeps at once on a 2-core machine: give each `OMP_NUM_THREADS=1`.
 
-    python sweep.py --epochs 12                            # the notebook's defaults, 12 epochs
-    python sweep.py --epochs 40 --r1-gamma 0 --d-dropout 0.1
-    python sweep.py --epochs 40 --d-hidden 1024 512 256       # the wider discriminator
-    python sweep.py --epochs 80 --score-at 40 60             # one run: 40, 60 and 80 epochs
-    python sweep.py --epochs 60 --stop-at-score 9 --final-samples 0   # training time to a score of 9
+    python scripts/sweep.py --epochs 12                            # the notebook's defaults, 12 epochs
+    python scripts/sweep.py --epochs 40 --r1-gamma 0 --d-dropout 0.1
+    python scripts/sweep.py --epochs 40 --d-hidden 1024 512 256       # the wider discriminator
+    python scripts/sweep.py --epochs 80 --score-at 40 60             # one run: 40, 60 and 80 epochs
+    python scripts/sweep.py --epochs 60 --stop-at-score 9 --final-samples 0   # training time to a score of 9
 """
 
 from __future__ import annotations
@@ -24,17 +24,20 @@ import argparse
 import copy
 import json
 import os
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: gan/ and gan_utils.py
 
 import torch
 
-import gan_metrics as gm
-import gan_speed as gs
 import gan_utils as gu
-import mnist_data
-from mnist_classifier import load_classifier
+from gan import hardware, mnist_data, runs, settings
+from gan import metrics as gm
+from gan import vanilla_gan as method
+from gan.errors import ParameterError
+from gan.mnist_classifier import load_classifier
 
-NOTEBOOK = Path(__file__).with_name("Vanilla_GAN.ipynb")
 # The notebook parameters a sweep may change (the others are about files, logging and evaluation).
 RECIPE_PARAMETERS = ("seed", "train_subset", "batch_size", "d_steps", "lr_g", "lr_d", "beta1", "beta2", "g_loss",
                      "label_smoothing", "r1_gamma", "r1_every", "ema_decay", "latent_dim", "g_hidden", "d_hidden",
@@ -59,7 +62,7 @@ def parse_widths(text: str):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    defaults = gu.notebook_defaults(NOTEBOOK)
+    defaults = method.notebook_parameters()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=os.environ.get(mnist_data.DATA_DIR_ENV, "data"))
     p.add_argument("--out", default="runs/sweep.json")
@@ -87,22 +90,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(a, name) == ["auto"]:
             setattr(a, name, "auto")
     try:
-        gu.validate_parameters(recipe(a))
-    except gu.ParameterError as exc:
+        settings.validate_parameters(recipe(a))
+    except ParameterError as exc:
         p.error(str(exc))
     # The script's own options, checked now rather than after the training they would end.
     if a.epochs < 1:
         p.error(f"--epochs {a.epochs}: train at least 1 epoch")
-    if a.final_samples and a.final_samples < gu.KNN_MIN_SAMPLES:
-        p.error(f"--final-samples {a.final_samples}: precision and recall need at least {gu.KNN_MIN_SAMPLES} "
+    if a.final_samples and a.final_samples < settings.KNN_MIN_SAMPLES:
+        p.error(f"--final-samples {a.final_samples}: precision and recall need at least {settings.KNN_MIN_SAMPLES} "
                 "samples; 0 skips the final scores")
     if any(not 0 < d < 1 for d in a.also_ema):
         p.error(f"--also-ema {a.also_ema}: each decay is a number between 0 and 1 (e.g. 0.9995)")
     if any(not 1 <= e <= a.epochs for e in a.score_at):
         p.error(f"--score-at {a.score_at}: each epoch is between 1 and --epochs ({a.epochs})")
     try:
-        gu.pick_device(a.device)
-    except (gu.ParameterError, RuntimeError) as exc:  # RuntimeError: not a device name at all
+        hardware.pick_device(a.device)
+    except (ParameterError, RuntimeError) as exc:  # RuntimeError: not a device name at all
         p.error(f"--device {a.device!r}: {exc}")
     for path in (a.out, a.save_weights):  # a missing directory fails now, not after hours of training
         if path:
@@ -128,31 +131,32 @@ def final_scores(classifier, images: torch.Tensor, ref: gm.ReferenceStats) -> di
 def main(argv=None) -> dict:
     a = parse_args(argv)
     s = recipe(a)
-    nb = gu.load_notebook_definitions(NOTEBOOK)
     # Seeded, the classifier and the networks built and the fixed noise drawn in the notebook's order
     # (building the classifier draws its initial weights before loading its own), so that training
     # starts from the same weights and the same random-number stream as the notebook's.
-    gu.seed_everything(a.seed)
-    device = gu.pick_device(a.device)
-    s["d_hidden"], d_hidden_reason = gs.resolve_d_hidden(a.d_hidden, device)
+    runs.seed_everything(a.seed)
+    device = hardware.pick_device(a.device)
+    s["d_hidden"], d_hidden_reason = settings.resolve_d_hidden(a.d_hidden, device)
     data = mnist_data.load_mnist(a.data_dir, device=device, train_subset=a.train_subset)
     classifier = load_classifier(device=device)
     ref = gm.reference_stats(classifier, data.test_x)
-    parts = nb["build_training_parts"](s, device)
-    torch.randn(64, a.latent_dim, device=device)  # the notebook's fixed noise for its grids
+    parts = method.build_training_parts(s, device)
+    # The notebook's fixed noise for its grids, unused here: drawn so that training continues the
+    # random-number stream exactly where the notebook's does.
+    torch.randn(64, a.latent_dim, device=device)
     sampler = parts["G_ema"] if a.ema_decay > 0 else parts["G"]
     # Other averages of the very same training run: a controlled comparison of EMA decays (the
     # updates read G's weights only, so they change neither the training nor its random numbers).
     also_ema = {decay: copy.deepcopy(parts["G"]).eval().requires_grad_(False) for decay in a.also_ema}
     steps_per_epoch = len(data.train_x) // a.batch_size
-    precision, why = gs.resolve_matmul_precision(a.matmul_precision, device)
+    precision, why = hardware.resolve_matmul_precision(a.matmul_precision, device)
     print(f"training matmul precision: {precision} ({why}); D's hidden layers: {s['d_hidden']} ({d_hidden_reason})",
           flush=True)
-    step_fn = gs.step_runner(nb, parts, s, (a.batch_size, *data.train_x.shape[1:]), device, a.cuda_graphs)
+    step_fn = hardware.step_runner(vars(method), parts, s, (a.batch_size, *data.train_x.shape[1:]), device, a.cuda_graphs)
 
     def quick_scores_of(generator, recalibrate):  # the notebook's per-epoch scores: 2,000 fixed latents
         if recalibrate:  # an average's BatchNorm statistics, recomputed for its weights as the notebook does
-            nb["recalibrate_batchnorm"](generator, a.latent_dim, seed=a.seed)
+            method.recalibrate_batchnorm(generator, a.latent_dim, seed=a.seed)
         quick = gm.quick_scores(classifier, gu.generate_images(generator, 2000, a.latent_dim, seed=a.seed + 1), ref)
         return {"score": quick["score"], "fd": quick["fd"]}
 
@@ -164,13 +168,13 @@ def main(argv=None) -> dict:
     for epoch in range(a.epochs):
         clock.start()
         parts["G"].train(), parts["D"].train()
-        with gu.float32_matmul_precision(precision):  # training only; scores in float32
+        with hardware.float32_matmul_precision(precision):  # training only; scores in float32
             for step, real in enumerate(gu.minibatches(data.train_x, a.batch_size, a.seed, epoch), 1):
                 step_fn(real, epoch, step, steps_per_epoch)
                 if also_ema and step % a.d_steps == 0:
                     g_steps = (epoch * steps_per_epoch + step) // a.d_steps
                     for decay, averaged in also_ema.items():
-                        nb["update_ema"](averaged, parts["G"], 1.0 - nb["ema_decay_at"](g_steps, decay))
+                        method.update_ema(averaged, parts["G"], 1.0 - method.ema_decay_at(g_steps, decay))
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the epoch's kernels have finished: its time is all counted
         clock.stop()
@@ -190,10 +194,10 @@ def main(argv=None) -> dict:
         print(json.dumps(result["final"]), flush=True)
         result["final_also_ema"] = {}
         for decay, averaged in also_ema.items():
-            nb["recalibrate_batchnorm"](averaged, a.latent_dim, seed=a.seed)
+            method.recalibrate_batchnorm(averaged, a.latent_dim, seed=a.seed)
             result["final_also_ema"][str(decay)] = final_scores_of(averaged)
             print(json.dumps({"ema_decay": decay, **result["final_also_ema"][str(decay)]}), flush=True)
-    gu.write_json(a.out, result)  # first: the scores are what a sweep is for
+    runs.write_json(a.out, result)  # first: the scores are what a sweep is for
     if a.save_weights:
         torch.save({key: parts[key].state_dict() for key in ("G", "D", "G_ema")}, a.save_weights)
     return result

@@ -1,0 +1,225 @@
+"""gan/settings.py: every parameter checked before any work, with messages that say what to use;
+the "auto" widths of D; whether a checkpoint's settings fit, old checkpoints included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gan import errors
+from gan import runs
+from gan import settings
+from gan import vanilla_gan as method
+
+
+@pytest.fixture(scope="module")
+def defaults() -> dict:
+    """The notebook's default parameters (its `parameters` cell, exported)."""
+    return settings.parameters_from(method.notebook_parameters())
+
+
+def bad(defaults, **changes):
+    """The ParameterError message for the defaults with `changes`."""
+    with pytest.raises(errors.ParameterError) as info:
+        settings.validate_parameters({**defaults, **changes})
+    return str(info.value)
+
+
+def test_defaults_are_valid(defaults):
+    assert set(defaults) == set(settings.PARAMETER_RULES)
+    settings.validate_parameters(defaults)  # no exception
+
+
+def test_parameters_from_names_a_missing_parameter(defaults):
+    namespace = dict(defaults)
+    del namespace["lr_d"]
+    with pytest.raises(errors.ParameterError, match="lr_d"):
+        settings.parameters_from(namespace)
+
+
+@pytest.mark.parametrize("name, value, allowed", [
+    ("lr_g", -1.0, "a number > 0"),
+    ("lr_g", 0.0, "a number > 0"),
+    ("lr_d", 0, "a number > 0"),
+    ("lr_d", float("nan"), "a number > 0"),
+    ("lr_d", float("inf"), "a number > 0"),
+    ("batch_size", 0, "an integer >= 1"),
+    ("batch_size", -64, "an integer >= 1"),
+    ("batch_size", True, "an integer >= 1"),      # bool is an int in Python: must still be refused
+    ("batch_size", 64.0, "an integer >= 1"),
+    ("epochs", 0, "an integer >= 1"),
+    ("epochs", False, "an integer >= 1"),
+    ("train_subset", -1, "0 (all 50,000 training images) or a positive integer"),
+    ("seed", -3, "an integer from 0 to 2**32-1"),
+    ("seed", 2 ** 32, "an integer from 0 to 2**32-1"),  # NumPy's seed is 32 bits
+    ("g_loss", "hinge", "'non_saturating' or 'minimax'"),
+    ("g_batchnorm", 1, "True or False"),
+    ("d_dropout", 1.0, "a number in [0, 1)"),
+    ("label_smoothing", 0.5, "a number in [0, 0.5)"),
+    ("beta1", 1.0, "a number in [0, 1)"),
+    ("beta2", 1.0, "a number in [0, 1)"),
+    ("ema_decay", -0.1, "a number in [0, 1)"),
+    ("r1_gamma", -1.0, "a number >= 0"),
+    ("r1_gamma", float("nan"), "a number >= 0"),
+    ("r1_every", 0, "an integer >= 1"),
+    ("matmul_precision", "bf16", "'highest', 'high' or 'medium'"),
+    ("device", "tpu", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    ("data_dir", None, "a directory path"),
+    ("checkpoint_every", 0, "an integer >= 1"),
+    ("d_hidden", [], "a list of hidden-layer widths"),
+    ("d_hidden", [512, 0], "a list of hidden-layer widths"),
+    ("g_hidden", [256.0, 512], "a list of hidden-layer widths"),
+    ("d_hidden", "512, 256", "-p d_hidden '[1024, 512, 256]'"),  # papermill's own -p makes a string of it
+])
+def test_bad_parameter_is_named_with_allowed_values(defaults, name, value, allowed):
+    msg = bad(defaults, **{name: value})
+    assert f"{name} = {value!r}" in msg
+    assert allowed in msg
+
+
+def test_every_bad_parameter_is_listed_at_once(defaults):
+    msg = bad(defaults, lr_g=-1.0, batch_size=0, g_loss="wasserstein")
+    assert "lr_g = -1.0" in msg and "batch_size = 0" in msg and "g_loss = 'wasserstein'" in msg
+
+
+@pytest.mark.parametrize("typo, meant", [("lr_gg", "lr_g"), ("epoch", "epochs"), ("batchsize", "batch_size")])
+def test_unknown_parameter_did_you_mean(defaults, typo, meant):
+    msg = bad(defaults, **{typo: 1})
+    assert f"unknown parameter {typo!r}" in msg
+    assert f"did you mean {meant!r}" in msg
+
+
+@pytest.mark.parametrize("name", sorted(settings.RETIRED_PARAMETERS))
+def test_retired_parameter_says_why_it_went(defaults, name):
+    msg = bad(defaults, **{name: 0.9})
+    assert f"{name} is no longer a parameter: {settings.RETIRED_PARAMETERS[name]}; drop it" in msg
+
+
+def test_retired_settings_of_an_old_checkpoint(defaults):
+    old = {**defaults, "amp": True, "compile": False, "beta1_g": 0.5, "beta1_d": 0.9, "beta2_g": 0.999, "beta2_d": 0.99}
+    notes = settings.retired_settings(old, defaults)  # defaults: beta1 = 0.5, beta2 = 0.999
+    assert len(notes) == 3  # amp, beta1_d and beta2_d differ from what training now does
+    assert "amp = True" in notes[0] and "continues with False" in notes[0]
+    assert any("beta1_d = 0.9" in n and "continues with 0.5" in n for n in notes)
+    assert any("beta2_d = 0.99" in n and "continues with 0.999" in n for n in notes)
+    assert settings.retired_settings(defaults, defaults) == []  # a checkpoint of this version
+
+
+def test_a_checkpoint_from_before_the_beta2_setting_is_told_what_it_trained_with(defaults):
+    old = {k: v for k, v in defaults.items() if k != "beta2"}  # Adam's beta2 was a fixed 0.999 then
+    assert settings.retired_settings(old, defaults) == []  # continuing as it trained (the default): nothing to say
+    (note,) = settings.retired_settings(old, {**defaults, "beta2": 0.99})
+    assert "predates the beta2 setting" in note and "beta2 = 0.999" in note and "continues with beta2 = 0.99" in note
+
+
+def test_unknown_parameter_without_close_match(defaults):
+    msg = bad(defaults, zzzzzz=1)
+    assert "unknown parameter 'zzzzzz'" in msg and "did you mean" not in msg
+
+
+def test_missing_resume_file(defaults, tmp_path):
+    missing = tmp_path / "no_such_run" / "checkpoint.pt"
+    msg = bad(defaults, resume=str(missing))
+    assert "resume" in msg and str(missing) in msg and "no such file" in msg
+
+
+def test_existing_resume_file_passes(defaults, tmp_path):
+    path = runs.save_checkpoint(tmp_path / "checkpoint.pt", {"epoch": 1})
+    settings.validate_parameters({**defaults, "resume": str(path)})
+
+
+def test_a_parameter_typed_in_the_wrong_case_in_a_new_cell_is_refused_not_ignored(defaults):
+    namespace = {**defaults, "lr_D": 1e-4, "Epochs": 80, "G": torch.nn.Linear(1, 1), "_lr_d": 0.1}
+    assert settings.misspelt_parameters(namespace) == {"lr_D": 1e-4, "Epochs": 80}
+    with pytest.raises(errors.ParameterError) as info:
+        settings.validate_parameters({**defaults, **settings.misspelt_parameters(namespace)})
+    msg = str(info.value)
+    assert "unknown parameter 'lr_D' (did you mean 'lr_d'?)" in msg  # not lr_g, as close by spelling
+    assert "unknown parameter 'Epochs' (did you mean 'epochs'?)" in msg
+
+
+def test_settings_the_setup_cells_used_cannot_change_in_the_training_cell(defaults):
+    settings.check_setup_unchanged(defaults, {**defaults, "epochs": 80, "lr_g": 1e-4})  # the training cell applies these
+    with pytest.raises(errors.ParameterError) as info:
+        settings.check_setup_unchanged(defaults, {**defaults, "train_subset": 2000, "device": "cuda"})
+    msg = str(info.value)
+    assert "train_subset: 0 -> 2000; device: 'auto' -> 'cuda'" in msg and "restart the kernel" in msg
+
+
+def test_check_checkpoint_fits_lists_every_difference():
+    shapes = {"g_hidden": [256, 512, 1024], "d_hidden": [512, 256]}
+    saved = {"latent_dim": 100, "g_batchnorm": True, "lr_g": 2e-4, **shapes}
+    settings.check_checkpoint_fits(saved, {"latent_dim": 100, "g_batchnorm": True, "lr_g": 1e-3, **shapes})  # lr may change
+    with pytest.raises(errors.CheckpointError) as info:
+        settings.check_checkpoint_fits(saved, {"latent_dim": 64, "g_batchnorm": False, "lr_g": 2e-4,
+                                         "g_hidden": [256, 512, 1024], "d_hidden": [256]})
+    msg = str(info.value)
+    assert "latent_dim: checkpoint has 100, notebook has 64" in msg
+    assert "g_batchnorm: checkpoint has True, notebook has False" in msg
+    assert "d_hidden: checkpoint has [512, 256], notebook has [256]" in msg
+    assert "lr_g" not in msg and "g_hidden" not in msg
+
+
+def test_the_moving_average_of_g_may_change_its_decay_but_not_go_on_or_off():
+    saved = {"latent_dim": 100, "g_batchnorm": True, "g_hidden": [256, 512, 1024], "d_hidden": [512, 256],
+             "ema_decay": 0.999}
+    settings.check_checkpoint_fits(saved, {**saved, "ema_decay": 0.9995})
+    with pytest.raises(errors.CheckpointError, match=r"ema_decay: checkpoint has 0.999, notebook has 0 "):
+        settings.check_checkpoint_fits(saved, {**saved, "ema_decay": 0})
+    with pytest.raises(errors.CheckpointError, match=r"ema_decay: checkpoint has 0, notebook has 0.999 .*new run"):
+        settings.check_checkpoint_fits({**saved, "ema_decay": 0}, saved)
+
+
+def test_a_checkpoint_of_the_other_notebook_is_named_as_such():
+    vanilla = {"latent_dim": 100, "g_batchnorm": True, "g_hidden": [256, 512, 1024], "d_hidden": [512, 256]}
+    dcgan = {"latent_dim": 100, "image_size": 32, "g_width": 32, "d_width": 32}
+    with pytest.raises(errors.CheckpointError, match=r"^this is a checkpoint of DCGAN\.ipynb, not of "
+                                                         r"Vanilla_GAN\.ipynb: resume it with DCGAN\.ipynb"):
+        settings.check_checkpoint_fits(dcgan, vanilla)
+    with pytest.raises(errors.CheckpointError, match=r"checkpoint of Vanilla_GAN\.ipynb, not of DCGAN\.ipynb"):
+        settings.check_checkpoint_fits(vanilla, dcgan)
+
+
+def test_a_checkpoint_from_before_the_width_settings_has_the_old_shapes():
+    # Made when D was fixed at 1024-512-256 (no g_hidden / d_hidden in its config): it resumes with
+    # d_hidden set to that, and the message for the new default says what to set.
+    old = {"latent_dim": 100, "g_batchnorm": True}
+    now = {"latent_dim": 100, "g_batchnorm": True, "g_hidden": (256, 512, 1024)}  # tuples compare as lists
+    settings.check_checkpoint_fits(old, {**now, "d_hidden": [1024, 512, 256]})
+    with pytest.raises(errors.CheckpointError) as info:
+        settings.check_checkpoint_fits(old, {**now, "d_hidden": [512, 256]})
+    assert ("d_hidden: checkpoint has [1024, 512, 256], notebook has [512, 256] (the checkpoint predates "
+            "this setting)") in str(info.value)
+
+
+def test_settings_changed_counts_a_later_setting_as_what_the_checkpoint_trained_with(defaults):
+    old = {k: v for k, v in defaults.items() if k != "beta2"}  # from before beta2 was a setting
+    assert settings.settings_changed(old, defaults) == {}  # it trained with 0.999, the default now
+    assert settings.settings_changed(old, {**defaults, "beta2": 0.99, "lr_d": 1e-3}) == {
+        "beta2": (0.999, 0.99), "lr_d": (defaults["lr_d"], 1e-3)}
+    # a resume always changes where the run reads and writes: not news worth printing
+    moved = {**defaults, "resume": "runs/x/checkpoint.pt", "run_dir": "runs/y", "overwrite": True, "epochs": 80}
+    assert settings.settings_changed(defaults, moved) == {"epochs": (defaults["epochs"], 80)}
+
+
+def test_auto_d_widths_are_narrower_only_on_a_cpu_without_amx_and_a_resume_keeps_its_own():
+    cpu = torch.device("cpu")
+    assert settings.resolve_d_hidden("auto", cpu, amx=True)[0] == [1024, 512, 256]
+    widths, why = settings.resolve_d_hidden("auto", cpu, amx=False)
+    assert widths == [768, 384, 192] and "no AMX" in why
+    assert settings.resolve_d_hidden("auto", torch.device("cuda"), amx=False)[0] == [1024, 512, 256]
+    assert settings.resolve_d_hidden([64, 32], cpu, amx=False) == ([64, 32], "as set")  # never second-guessed
+    assert settings.resolve_d_hidden((64, 32), cpu, {"d_hidden": [128]}) == ([64, 32], "as set")  # the fit check then refuses
+    # "auto" continues the networks a checkpoint (or this kernel) holds, whatever this machine would pick;
+    # a checkpoint from before the setting existed holds the old fixed widths.
+    widths, why = settings.resolve_d_hidden("auto", cpu, {"d_hidden": [768, 384, 192]}, amx=True)
+    assert widths == [768, 384, 192] and "continued" in why
+    assert settings.resolve_d_hidden("auto", cpu, {"latent_dim": 100}, amx=False)[0] == [1024, 512, 256]
+
+
+def test_auto_precision_is_an_allowed_value_and_a_typo_is_refused():
+    settings.validate_parameters({"matmul_precision": "auto", "cuda_graphs": True, "d_hidden": "auto"})
+    with pytest.raises(errors.ParameterError, match="matmul_precision.*'auto'"):
+        settings.validate_parameters({"matmul_precision": "bf16"})
+    with pytest.raises(errors.ParameterError, match="cuda_graphs"):
+        settings.validate_parameters({"cuda_graphs": "yes"})
