@@ -606,19 +606,18 @@ def test_makefile_passes_run_dir_and_params_with_spaces(tmp_path):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [
-        "run_notebook.py", "Vanilla_GAN.ipynb", "-p", "run_dir", "runs/my run", "-p", "resume", str(checkpoint)]
+        "scripts/run_notebook.py", "Vanilla_GAN.ipynb", "-p", "run_dir", "runs/my run", "-p", "resume", str(checkpoint)]
     # Without RUN_DIR the runner picks the directory as the notebook does: a resumed checkpoint's own
     # (not a new runs/<date-time>/ beside it), else runs/<date-time>/.
-    for params, expected in (([], ["run_notebook.py", "Vanilla_GAN.ipynb"]),
+    for params, expected in (([], ["scripts/run_notebook.py", "Vanilla_GAN.ipynb"]),
                              (['PARAMS=-p resume "runs/my run/checkpoint.pt"'],
-                              ["run_notebook.py", "Vanilla_GAN.ipynb", "-p", "resume", str(checkpoint)])):
+                              ["scripts/run_notebook.py", "Vanilla_GAN.ipynb", "-p", "resume", str(checkpoint)])):
         out = subprocess.run(["make", "-s", "-C", str(REPO_ROOT), "run", f"VENV={venv}", *params],
                              capture_output=True, text=True, timeout=30, env={**os.environ, "RUN_DIR": ""})
         assert json.loads(out.stdout.strip().splitlines()[-1]) == expected, out.stderr
 
 
 def test_runner_types_values_as_papermill_and_reads_lists():
-    sys.path.insert(0, str(REPO_ROOT))
     import run_notebook
     assert [run_notebook.typed(v) for v in ("3", "1e-3", "True", "None", "runs/x")] == [3, 1e-3, True, None, "runs/x"]
     assert run_notebook.typed("[512, 256]") == [512, 256]  # -p d_hidden '[512, 256]'
@@ -628,7 +627,6 @@ def test_runner_types_values_as_papermill_and_reads_lists():
 def test_runner_stopped_before_the_notebook_starts_says_there_is_nothing_to_resume(tmp_path, monkeypatch, capfd):
     # A SIGTERM while the runner checks the run directory (before any kernel): the same report as a
     # stop later on, in-process so that the signal lands exactly there.
-    sys.path.insert(0, str(REPO_ROOT))
     import run_notebook
     monkeypatch.setattr(run_notebook, "refuse_taken_run_dir", lambda *args: os.kill(os.getpid(), signal.SIGTERM))
     handlers = {s: signal.getsignal(s) for s in run_notebook.STOP_SIGNALS}
@@ -687,17 +685,7 @@ rollback_wait = 0.0       # > 0: the rollback waits (at most this long) for the 
 TOY_SETUP = '''import time
 from pathlib import Path
 import torch
-
 from gan import runs
-import copy
-import math
-import pickle
-from PIL import Image
-
-from gan import hardware
-from gan import vanilla_gan as method
-from gan import dcgan
-from conftest import REPO_ROOT
 run_path = Path(run_dir)
 run_lock = runs.claim_run_dir(run_path)
 checkpoint_path = run_path / "checkpoint.pt"
@@ -880,7 +868,6 @@ def test_runner_finishes_and_refuses_a_finished_run_dir(toy_notebook, tmp_path):
 
 
 def test_runner_refuses_a_missing_notebook_before_making_a_run_directory(tmp_path, capfd):
-    sys.path.insert(0, str(REPO_ROOT))
     import run_notebook
     run_dir = tmp_path / "run"
     handlers = {signum: signal.getsignal(signum) for signum in run_notebook.STOP_SIGNALS}
