@@ -1,6 +1,6 @@
 """A small ResNet that classifies CIFAR-10: the reference network for scoring generated colour images.
 
-The colour counterpart of `mnist_classifier.py`, with the same API, so `gan.metrics` uses either:
+The colour counterpart of `gan/mnist_classifier.py`, with the same API, so `gan.metrics` uses either:
 its class probabilities give the Inception-style score and the class histogram, its penultimate
 layer (256 features, normalised) the feature space for the Frechet distance, KID and
 precision/recall. Like the MNIST one, it stands in for ImageNet's Inception-v3: small, trained on

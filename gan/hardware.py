@@ -81,7 +81,7 @@ def resolve_matmul_precision(precision: str, device: torch.device, amx: bool | N
     "auto" picks "medium" (matmuls in bfloat16 with float32 accumulation) on a GPU and on a CPU with
     AMX, where it is 2-3x faster than float32; "highest" (plain float32) on a CPU without AMX: on an
     AVX-512 BF16 CPU without AMX, bfloat16 matmuls measured 0.9x the speed of float32 ones
-    (benchmark.py, docs/experiments.md), so bfloat16 would only cost precision.
+    (scripts/benchmark.py, docs/experiments.md), so bfloat16 would only cost precision.
     """
     if precision != "auto":
         return precision, "as set"

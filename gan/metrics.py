@@ -2,7 +2,7 @@
 
 * Parzen window log-likelihood (Goodfellow et al. 2014, Table 1), computed as in the paper's code,
   goodfeli/adversarial `parzen_ll.py` (after Breuleux et al. 2011).
-* Metrics on a reference MNIST classifier (`mnist_classifier.py`) in place of ImageNet's
+* Metrics on a reference MNIST classifier (`gan/mnist_classifier.py`) in place of ImageNet's
   Inception-v3: Frechet distance (Heusel et al. 2017), KID (Binkowski et al. 2018), an
   Inception-style score (Salimans et al. 2016), the predicted-digit histogram, and precision /
   recall with k-nearest-neighbour manifolds (Kynkaanniemi et al. 2019).

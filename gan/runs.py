@@ -197,7 +197,7 @@ LOCK_FILE = ".lock"
 
 def resolve_run_dir(run_dir: str, resume: str = "", root: str = "runs") -> Path:
     """The notebook's rule for where a run writes: `run_dir`; else the resumed checkpoint's own
-    directory; else runs/<date-time>/. Shared by the notebook and run_notebook.py so they agree."""
+    directory; else runs/<date-time>/. Shared by the notebook and scripts/run_notebook.py so they agree."""
     if run_dir:
         return Path(run_dir).expanduser()
     if resume:

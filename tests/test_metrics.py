@@ -1,4 +1,4 @@
-"""Known-answer tests for gan_metrics.py and the committed MNIST reference classifier.
+"""Known-answer tests for gan/metrics.py (the MNIST reference classifier: test_mnist_classifier.py).
 
 MNIST is found through $GAN_DATA_DIR (default data/; conftest.py downloads it at session start or
 stops the run saying how). Whole file: well under a minute on two CPU cores.

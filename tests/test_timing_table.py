@@ -28,11 +28,16 @@ def test_a_row_names_the_machine_and_when_the_score_was_first_reached(tmp_path, 
     assert timing_table.main([str(run)]) == 0
     header, rule, line = capsys.readouterr().out.strip().split("\n")
     assert line == ("| Vanilla_GAN.ipynb | AMD EPYC (AVX2 only), 2 threads | 26 min 04 s | 2.0 min | 30.0 s | "
-                    "9 after 1.0 min (epoch 2) | 0.52 |")
+                    "score 9 after 1.0 min (epoch 2) | 0.52 |")
 
 
-def test_a_run_that_never_reached_the_mark_says_so(tmp_path):
-    assert "not 5 in 2 epochs" in timing_table.row(finished_run(tmp_path, [1.5, 1.6], notebook="DCGAN.ipynb"))
+def test_colour_images_are_timed_to_a_frechet_distance_and_a_miss_says_so(tmp_path):
+    run = finished_run(tmp_path, [1.5, 1.6], notebook="DCGAN.ipynb")
+    rows = [{"epoch": 1, "train_seconds": 60.0, "fd": 80.0}, {"epoch": 2, "train_seconds": 120.0, "fd": 49.0}]
+    runs.write_metrics_csv(run / "metrics.csv", rows)
+    assert "| FD 50 after 2.0 min (epoch 2) |" in timing_table.row(run)
+    runs.write_metrics_csv(run / "metrics.csv", rows[:1])
+    assert "| FD not 50 in 1 epochs |" in timing_table.row(run)
 
 
 def test_a_directory_that_is_not_a_run_is_refused(tmp_path, capsys):
