@@ -42,10 +42,13 @@ test: $(VENV)/.installed
 export: $(VENV)/.installed
 	$(VENV)/bin/python scripts/export_notebooks.py
 
+# Jupyter refuses to start as root unless told: in a container, root is the only user there is.
+JUPYTER_ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
+
 # Jupyter itself is installed on first use only (CI and headless runs do not need it).
 jupyter: $(VENV)/.installed
 	$(VENV)/bin/python -c "import jupyterlab" 2>/dev/null || $(VENV)/bin/python -m pip install --quiet jupyterlab
-	$(VENV)/bin/jupyter lab Vanilla_GAN.ipynb
+	$(VENV)/bin/jupyter lab Vanilla_GAN.ipynb $(JUPYTER_ROOT_FLAG)
 
 clean-venv:
 	rm -rf $(VENV)
