@@ -24,7 +24,7 @@ from PIL import Image
 from gan.runs import atomic_write_bytes, epoch_grid_paths
 
 # --------------------------------------------------------------------------------------------
-# Preprocessing: pixel ranges, minibatches
+# Preprocessing: pixel ranges and the epoch's minibatches
 # --------------------------------------------------------------------------------------------
 
 
@@ -38,11 +38,6 @@ def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
 def to_unit_range(x: torch.Tensor) -> torch.Tensor:
     """Model range [-1, 1] -> [0, 1] (for image grids and the Parzen window estimate)."""
     return (x + 1.0) / 2.0
-
-
-# --------------------------------------------------------------------------------------------
-# Minibatches
-# --------------------------------------------------------------------------------------------
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -61,19 +56,26 @@ def minibatches(x: torch.Tensor, batch_size: int, seed: int, epoch: int):
     for start in range(0, len(x) - batch_size + 1, batch_size):
         yield x[order[start:start + batch_size]]
 
-def library_versions() -> dict:
-    """Versions that decide whether a run can be repeated."""
-    import torchvision
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": np.__version__,
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine()}
+
+# --------------------------------------------------------------------------------------------
+# Logging: the epoch's means and line, training time, memory, versions
+# --------------------------------------------------------------------------------------------
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MB (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+def epoch_means(sums: torch.Tensor, steps: int) -> dict:
+    """Per-epoch averages from train_step's running sums [D loss, D(x), D(G(z)), G loss, G steps]
+    (this .tolist() is the host sync the training loop makes every log_every steps)."""
+    loss_d, d_x, d_gz, loss_g, g_steps = sums.tolist()
+    return {"d_loss": loss_d / steps, "g_loss": loss_g / max(g_steps, 1), "d_x": d_x / steps, "d_g_z": d_gz / steps}
+
+
+def epoch_summary(row: dict) -> str:
+    """The line printed after each epoch: losses, D's outputs, the quick scores, training time. A
+    folder of images without the classifier's classes (faces, say) has an FD but no classifier score."""
+    scores = "".join(f"  {label} {row[key]:.2f}" for key, label in (("fd", "FD"), ("score", "score")) if key in row)
+    return (f"epoch {int(row['epoch']):3d}  D loss {row['d_loss']:.3f}  G loss {row['g_loss']:.3f}  "
+            f"D(x) {row['d_x']:.2f}  D(G(z)) {row['d_g_z']:.2f}{scores}  [{row['train_seconds']:.0f} s]")
+
 
 class Stopwatch:
     """Training wall time that survives resumes: time before this session plus time since start()."""
@@ -92,9 +94,25 @@ class Stopwatch:
         return self.before + (time.perf_counter() - self.started if self.started is not None else 0.0)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+
+
+def library_versions() -> dict:
+    """Versions that decide whether a run can be repeated."""
+    import torchvision
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__,
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine()}
+
+
 # --------------------------------------------------------------------------------------------
-# Image grids and animations
+# Pictures: grids, the training animation, latent walks, samples
 # --------------------------------------------------------------------------------------------
+
 
 def grid_image(images: torch.Tensor, nrow: int = 8, scale: int = 2) -> Image.Image:
     """Model-range images -> one PIL grid, `nrow` per row: flat MNIST digits (N, 784) or images
@@ -171,10 +189,6 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, steps: int) -> torch.Tensor:
     return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
 
 
-# --------------------------------------------------------------------------------------------
-# Training helpers
-# --------------------------------------------------------------------------------------------
-
 @torch.no_grad()
 def generate_images(generator: torch.nn.Module, n: int, latent_dim: int, seed: int | None = None) -> torch.Tensor:
     """n samples of `generator` in eval mode (BatchNorm uses its running statistics), 1,000 at a time.
@@ -185,18 +199,3 @@ def generate_images(generator: torch.nn.Module, n: int, latent_dim: int, seed: i
     rng = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     z = torch.randn(n, latent_dim, device=device, generator=rng)
     return torch.cat([generator.eval()(chunk) for chunk in z.split(1000)])
-
-
-def epoch_means(sums: torch.Tensor, steps: int) -> dict:
-    """Per-epoch averages from train_step's running sums [D loss, D(x), D(G(z)), G loss, G steps]
-    (this .tolist() is the host sync the training loop makes every log_every steps)."""
-    loss_d, d_x, d_gz, loss_g, g_steps = sums.tolist()
-    return {"d_loss": loss_d / steps, "g_loss": loss_g / max(g_steps, 1), "d_x": d_x / steps, "d_g_z": d_gz / steps}
-
-
-def epoch_summary(row: dict) -> str:
-    """The line printed after each epoch: losses, D's outputs, the quick scores, training time. A
-    folder of images without the classifier's classes (faces, say) has an FD but no classifier score."""
-    scores = "".join(f"  {label} {row[key]:.2f}" for key, label in (("fd", "FD"), ("score", "score")) if key in row)
-    return (f"epoch {int(row['epoch']):3d}  D loss {row['d_loss']:.3f}  G loss {row['g_loss']:.3f}  "
-            f"D(x) {row['d_x']:.2f}  D(G(z)) {row['d_g_z']:.2f}{scores}  [{row['train_seconds']:.0f} s]")

@@ -20,14 +20,6 @@ def test_epoch_summary_with_and_without_the_classifier_score():
     assert gu.epoch_summary({**row, "fd": 12.5}).endswith("0.47  FD 12.50  [27 s]")
 
 
-
-
-
-
-
-
-
-
 def test_grid_image_size():
     img = gu.grid_image(torch.zeros(64, 784))  # 8 per row, 2 px padding, scale 2
     assert img.mode == "L"
@@ -121,14 +113,6 @@ def test_stopwatch_accumulates():
     first = clock.elapsed()
     assert first >= 10.0
     assert clock.elapsed() == first  # stopped: does not advance
-
-
-
-
-
-
-
-
 
 
 def test_generate_images_is_seeded_and_leaves_the_global_stream_alone():

@@ -332,7 +332,3 @@ def test_reusing_the_fakes_gives_the_generator_step_of_algorithm_1():
     opt_G2.step()
     for a, b in zip([*G.parameters(), *D.parameters()], [*G2.parameters(), *D2.parameters()]):
         torch.testing.assert_close(a, b)
-
-
-
-
