@@ -34,7 +34,7 @@ def cell_source(cell: dict) -> str:
 
 
 def heading_above(cells: list[dict], index: int) -> str:
-    """The last markdown heading before cell `index` (what the reader sees the cell under)."""
+    """The last markdown heading before cells[index] (what the reader sees the cell under)."""
     for cell in reversed(cells[:index]):
         if cell["cell_type"] == "markdown":
             headings = [line.lstrip("#").strip() for line in cell_source(cell).splitlines() if line.startswith("#")]
@@ -47,13 +47,10 @@ def marked_cells(notebook: Path) -> dict[str, list[tuple[int, dict, str]]]:
     """{module path: [(cell number, cell, the code below the marker line)]} in notebook order."""
     cells = json.loads(notebook.read_text())["cells"]
     modules: dict[str, list] = {}
-    for number, cell in enumerate(cells, 1):  # numbered from 1, as a reader counts them
-        if cell["cell_type"] != "code":
-            continue
-        first = cell_source(cell).partition("\n")[0]
-        match = MARKER.match(first)
-        if match:
-            modules.setdefault(match.group(1), []).append((number, cell, heading_above(cells, number)))
+    for index, cell in enumerate(cells):
+        match = MARKER.match(cell_source(cell).partition("\n")[0]) if cell["cell_type"] == "code" else None
+        if match:  # cells numbered from 1, as a reader counts them
+            modules.setdefault(match.group(1), []).append((index + 1, cell, heading_above(cells, index)))
     return modules
 
 

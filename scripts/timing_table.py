@@ -25,8 +25,8 @@ from gan.runs import read_metrics_csv  # noqa: E402
 
 HEADER = ("| notebook | machine | `make run` wall time | training | per epoch | quality first reached | final FD |\n"
           "|---|---|---|---|---|---|---|")
-# notebook -> (column of metrics.csv, mark, whether higher is better)
-QUALITY_MARK = {"Vanilla_GAN.ipynb": ("score", 9.0, True), "DCGAN.ipynb": ("fd", 50.0, False)}
+# notebook -> (column of metrics.csv, its name in the table, mark, whether higher is better)
+QUALITY_MARK = {"Vanilla_GAN.ipynb": ("score", "score", 9.0, True), "DCGAN.ipynb": ("fd", "FD", 50.0, False)}
 
 
 def minutes(seconds: float) -> str:
@@ -53,10 +53,9 @@ def row(run: Path) -> str:
     config = json.loads((run / "config.json").read_text())
     history = read_metrics_csv(run / "metrics.csv")
     notebook = config.get("notebook", "Vanilla_GAN.ipynb")
-    column, mark, higher_is_better = QUALITY_MARK[notebook]
+    column, label, mark, higher_is_better = QUALITY_MARK[notebook]
     training = history[-1]["train_seconds"]
     reached = next((r for r in history if column in r and (r[column] >= mark if higher_is_better else r[column] <= mark)), None)
-    label = {"score": "score", "fd": "FD"}[column]
     first = (f"{label} {mark:g} after {reached['train_seconds'] / 60:.1f} min (epoch {int(reached['epoch'])})"
              if reached else f"{label} not {mark:g} in {len(history)} epochs")
     final = json.loads((run / "metrics.json").read_text())["results"] if (run / "metrics.json").is_file() else {}
