@@ -183,7 +183,9 @@ def _download_gz(raw_dir: Path, spec: IdxFile, timeout: float, deadline: float |
             _download(mirror + spec.name + ".gz", raw_dir / (spec.name + ".gz"), spec.gz_md5, timeout,
                       deadline, report)
             return None
-        except (urllib.error.URLError, OSError, DataError) as exc:
+        # HTTPException: a mirror that cuts the body short raises http.client.IncompleteRead, which is
+        # no OSError; the next mirror is worth a try all the same.
+        except (urllib.error.URLError, OSError, http.client.HTTPException, DataError) as exc:
             if _is_timeout(exc):
                 silent_mirrors.add(mirror)
                 why = exc if isinstance(exc, _DeadlinePassed) else f"did not answer within {timeout:g} s ({exc})"

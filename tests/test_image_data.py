@@ -4,9 +4,12 @@ read the shared data (GAN_DATA_DIR; skipped with a message when it is not set)."
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import io
 import os
 import pickle
+import subprocess
 import random
 import shutil
 import time
@@ -197,6 +200,141 @@ def test_folder_of_splits_gets_a_hint(tmp_path):
         idt.load_image_folder(tmp_path / "data", 8)
 
 
+def eps_bytes() -> bytes:
+    """A small valid EPS file (Pillow writes it without Ghostscript; reading it would start gs)."""
+    out = io.BytesIO()
+    Image.fromarray(rgb(8, 8)).save(out, "EPS")
+    assert out.getvalue().startswith(b"%!PS")
+    return out.getvalue()
+
+
+@pytest.fixture
+def programs_started(monkeypatch):
+    """Records every external program started through subprocess (and Ghostscript's own entry), with
+    Ghostscript claimed to be installed, so that a reader that would start one does, here."""
+    from PIL import EpsImagePlugin
+
+    started = []
+
+    def record(name):
+        def start(*args, **kwargs):
+            started.append((name, args))
+            raise OSError("no external program may start in this test")
+        return start
+
+    for name in ("Popen", "run", "call", "check_call", "check_output"):
+        monkeypatch.setattr(subprocess, name, record(name))
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", record("Ghostscript"))
+    monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: True)
+    return started
+
+
+def test_postscript_named_png_is_refused_without_starting_ghostscript(tmp_path, programs_started):
+    folder = tmp_path / "f"
+    save(folder / "ok.png", rgb(8, 8))
+    (folder / "x.png").write_bytes(eps_bytes())
+    with pytest.raises(DataError) as err:
+        idt.load_image_folder(folder, 8, progress=False)
+    assert programs_started == []
+    msg = str(err.value)
+    assert "x.png (a PostScript (EPS/PS) file)" in msg and "other 1 were fine" in msg
+    assert "Only these formats are read" in msg and all(f in msg for f in idt.IMAGE_FORMATS)
+    with pytest.raises(idt.ImageFormatRefused, match=r"x\.png is a PostScript .* Convert it to PNG or JPEG"):
+        idt.decode_image(folder / "x.png", 8)  # alone, too: the message names the file and the fix
+    assert programs_started == []
+    assert "EPS" not in idt.IMAGE_FORMATS and "PDF" not in idt.IMAGE_FORMATS
+
+
+def test_mislabelled_images_of_accepted_formats_still_load(tmp_path, programs_started):
+    folder = tmp_path / "f"
+    save(folder / "a_png.jpg", rgb(16, 16, 1), format="PNG")  # a PNG named .jpg
+    frames = [Image.fromarray(rgb(16, 16, i)) for i in range(3)]
+    frames[0].save(folder / "b_animated_gif.png", save_all=True, append_images=frames[1:])
+    save(folder / "c_tiff.bmp", rgb(16, 16, 2), format="TIFF")
+    frames[0].save(folder / "d_mpo.jpg", "MPO", save_all=True, append_images=frames[1:2])  # camera 3D JPEG
+    assert Image.open(folder / "d_mpo.jpg").format == "MPO"
+    s = idt.load_image_folder(folder, 16, progress=False)
+    assert s.images.shape == (4, 3, 16, 16) and programs_started == []
+    assert torch.equal(s.images[0].permute(1, 2, 0), torch.from_numpy(rgb(16, 16, 1)))  # PNG is lossless
+
+
+def test_symlink_loop_is_skipped_with_a_note(tmp_path, capsys):
+    folder = make_folder(tmp_path / "f", 2)
+    os.symlink("loop_b.png", folder / "loop_a.png")
+    os.symlink("loop_a.png", folder / "loop_b.png")
+    os.symlink("nowhere.png", folder / "dangling.png")  # skipped silently, as before
+    s = idt.load_image_folder(folder, 8, progress=False)
+    assert len(s) == 2
+    out = capsys.readouterr().out
+    assert f"skipping {folder / 'loop_a.png'}" in out and f"skipping {folder / 'loop_b.png'}" in out
+    assert "link loop" in out and "dangling" not in out
+    classes = tmp_path / "c"
+    save(classes / "cat" / "0.png", rgb(8, 8))
+    os.symlink("self.png", classes / "cat" / "self.png")  # one level down too
+    assert len(idt.load_image_folder(classes, 8, progress=False)) == 1
+    assert f"skipping {classes / 'cat' / 'self.png'}" in capsys.readouterr().out
+
+
+def check_unreadable_folder_message(folder: Path, blocked: Path) -> None:
+    with pytest.raises(DataError) as err:
+        idt.load_image_folder(folder, 8, progress=False)
+    msg = str(err.value)
+    assert f"cannot list the folder {blocked}" in msg and "chmod -R u+rX" in msg and "`dataset`" in msg
+
+
+def test_unreadable_class_folder_names_it(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads a chmod 000 folder all the same; "
+                    "test_unreadable_folder_names_it_even_as_root covers the code path")
+    folder = tmp_path / "pets"
+    for cls in ("cat", "dog"):
+        save(folder / cls / "0.png", rgb(8, 8))
+    (folder / "dog").chmod(0o000)
+    try:
+        check_unreadable_folder_message(folder, folder / "dog")
+    finally:
+        (folder / "dog").chmod(0o755)
+
+
+@pytest.mark.parametrize("which", ["class folder", "dataset folder"])
+def test_unreadable_folder_names_it_even_as_root(tmp_path, monkeypatch, which):
+    folder = tmp_path / "pets"
+    for cls in ("cat", "dog"):
+        save(folder / cls / "0.png", rgb(8, 8))
+    blocked = folder / "dog" if which == "class folder" else folder
+    real = os.scandir
+
+    def scandir(path="."):  # what os.scandir does on a chmod 000 folder for anyone but root
+        if Path(path) == blocked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    check_unreadable_folder_message(folder, blocked)
+    if which == "dataset folder":  # load_dataset lists it first, to look for train/ and test/
+        with pytest.raises(DataError, match="cannot list the folder"):
+            idt.load_dataset(str(folder), tmp_path, 8, progress=False)
+
+
+def test_images_beside_class_folders_are_refused_with_both_counts(tmp_path, counting_decoder):
+    folder = tmp_path / "mixed"
+    make_folder(folder, 3)
+    for cls in ("cat", "dog"):
+        for i in range(5):
+            save(folder / cls / f"{i}.png", rgb(8, 8, i))
+    with pytest.raises(DataError) as err:
+        idt.load_image_folder(folder, 8, progress=False)
+    msg = str(err.value)
+    assert "holds 3 images directly and 10 more in 2 class subfolders (cat: 5, dog: 5)" in msg
+    assert "Move the 3 top-level images into a subfolder" in msg and "`dataset` parameter at one of" in msg
+    assert counting_decoder == [] and not idt.beside_cache_path(folder, 8).exists()
+    # Subfolders without images do not make it ambiguous: still one flat set.
+    flat = make_folder(tmp_path / "flat", 3)
+    (flat / "notes").mkdir()
+    (flat / "notes" / "readme.txt").write_text("x")
+    assert len(idt.load_image_folder(flat, 8, progress=False)) == 3
+
+
 def test_too_few_images_for_a_batch():
     idt.check_enough_images(64, 64)
     with pytest.raises(DataError) as err:
@@ -255,7 +393,7 @@ def test_stale_cache_is_rebuilt(tmp_path, counting_decoder, change):
     if change == "touch":
         st = target.stat()
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
-    elif change == "replace":  # same size and mtime would be undetectable; a new file has a new mtime
+    elif change == "replace":  # a new file with a new mtime (same size and mtime: test_restored_mtime_...)
         save(target, np.full((20, 20, 3), 7, np.uint8))
     elif change == "add":
         save(folder / "3.png", rgb(20, 20, 3))
@@ -293,10 +431,10 @@ def test_failed_write_falls_back_too(tmp_path, private_user_cache, monkeypatch):
     folder = make_folder(tmp_path / "f")
     real = idt._write_cache
 
-    def refuse_inside(path, blob):
+    def refuse_inside(path, blob, mode):
         if path == idt.beside_cache_path(folder, 8):
             raise PermissionError(13, "Permission denied", str(path))
-        real(path, blob)
+        real(path, blob, mode)
 
     monkeypatch.setattr(idt, "_write_cache", refuse_inside)
     idt.load_image_folder(folder, 8, progress=False)
@@ -333,16 +471,159 @@ def test_cache_with_foreign_objects_is_refused(tmp_path, capsys):
     assert "ignoring unreadable image cache" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("size", [20, 64])  # a whole-file sample (< 8 KiB), and first and last 4 KiB
+def test_restored_mtime_replacement_is_noticed(tmp_path, counting_decoder, size):
+    folder = tmp_path / "f"
+    for i in range(3):
+        save(folder / f"{i}.bmp", rgb(size, size, i))  # BMP: the byte size depends on the pixel count alone
+    idt.load_image_folder(folder, 8, progress=False)
+    target = folder / "1.bmp"
+    before = target.stat()
+    save(target, np.full((size, size, 3), 7, np.uint8))  # as `cp -p`, `rsync -t` or `tar x` would leave it:
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size, same mtime
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    counting_decoder.clear()
+    s = idt.load_image_folder(folder, 8, progress=False)
+    assert counting_decoder, "the stale cache was used"
+    assert (s.images[1] == 7).all()
+
+
+def planted(cache: Path, change: str) -> None:
+    """Rewrite our own cache with the right key but tensors that do not fit the listing."""
+    blob = torch.load(cache, weights_only=True)
+    if change == "shape":  # 64 px images for the 32 px cache, and 7 of them for 3 files
+        blob["images"] = torch.zeros(7, 3, 64, 64, dtype=torch.uint8)
+    elif change == "dtype":
+        blob["images"] = blob["images"].float()
+    else:
+        blob["labels"] = torch.tensor([2, 1, 0, 0])
+    idt._write_cache(cache, blob, 0o600)
+
+
+@pytest.mark.parametrize("change", ["shape", "dtype", "labels"])
+def test_cache_with_the_right_key_but_misfit_tensors_is_ignored(tmp_path, capsys, counting_decoder, change):
+    folder = tmp_path / "pets"
+    for cls, n in (("cat", 2), ("dog", 1)):
+        for i in range(n):
+            save(folder / cls / f"{i}.png", rgb(20, 20, i))
+    first = idt.load_image_folder(folder, 32, progress=False)
+    planted(idt.beside_cache_path(folder, 32), change)
+    counting_decoder.clear()
+    capsys.readouterr()
+    s = idt.load_image_folder(folder, 32, progress=False)
+    assert counting_decoder and torch.equal(s.images, first.images) and s.labels.tolist() == [0, 0, 1]
+    out = capsys.readouterr().out
+    assert f"ignoring image cache {idt.beside_cache_path(folder, 32)}" in out and "rebuilding it" in out
+    assert {"shape": "(7, 3, 64, 64)", "dtype": "torch.float32", "labels": "labels are not"}[change] in out
+
+
+def test_cache_of_another_user_is_ignored_and_left_alone(tmp_path, capsys, counting_decoder, monkeypatch,
+                                                         private_user_cache):
+    folder = make_folder(tmp_path / "f")
+    first = idt.load_image_folder(folder, 8, progress=False)
+    beside = idt.beside_cache_path(folder, 8)
+    theirs = beside.read_bytes()
+    me = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: me + 4242)  # tests cannot chown: we become someone else
+    counting_decoder.clear()
+    capsys.readouterr()
+    s = idt.load_image_folder(folder, 8, progress=False)
+    assert counting_decoder and torch.equal(s.images, first.images)
+    assert f"ignoring image cache {beside}: it belongs to another user (uid {me})" in capsys.readouterr().out
+    assert beside.read_bytes() == theirs  # not replaced: ours went to the next place
+    assert len(list(private_user_cache.glob("f-*-8px.pt"))) == 1
+
+
+def test_cache_that_others_may_write_is_ignored(tmp_path, capsys, counting_decoder):
+    folder = make_folder(tmp_path / "f")
+    idt.load_image_folder(folder, 8, progress=False)
+    cache = idt.beside_cache_path(folder, 8)
+    cache.chmod(0o666)
+    counting_decoder.clear()
+    capsys.readouterr()
+    idt.load_image_folder(folder, 8, progress=False)
+    assert counting_decoder and "others may write to it" in capsys.readouterr().out
+    assert cache.stat().st_mode & 0o777 == 0o644  # rebuilt with the folder's read bits
+
+
+@pytest.mark.parametrize("folder_mode, cache_mode", [(0o700, 0o600), (0o750, 0o640), (0o755, 0o644),
+                                                     (0o777, 0o644)])
+def test_cache_is_no_more_readable_than_its_folder(tmp_path, private_user_cache, folder_mode, cache_mode):
+    folder = make_folder(tmp_path / "f")
+    folder.chmod(folder_mode)
+    old = os.umask(0)  # the mode is the folder's, whatever the umask
+    try:
+        idt.load_image_folder(folder, 8, progress=False)
+        idt.load_image_folder(folder, 8, cache_dir=tmp_path / "mine", progress=False)
+    finally:
+        os.umask(old)
+        folder.chmod(0o755)
+    assert idt.beside_cache_path(folder, 8).stat().st_mode & 0o777 == cache_mode
+    assert [p.stat().st_mode & 0o777 for p in (tmp_path / "mine").glob("f-*-8px.pt")] == [cache_mode]
+
+
+def test_old_cache_format_counts_as_stale(tmp_path, counting_decoder):
+    folder = make_folder(tmp_path / "f")
+    idt.load_image_folder(folder, 8, progress=False)
+    cache = idt.beside_cache_path(folder, 8)
+    blob = torch.load(cache, weights_only=True)
+    blob["format"] = "image-folder-cache/1"
+    idt._write_cache(cache, blob, 0o644)
+    counting_decoder.clear()
+    idt.load_image_folder(folder, 8, progress=False)
+    assert counting_decoder and torch.load(cache, weights_only=True)["format"] == idt.CACHE_FORMAT
+
+
 # --------------------------------------------------------------------------------------------
 # CIFAR-10 python format, MNIST, load_dataset
 # --------------------------------------------------------------------------------------------
 
-def write_tiny_cifar(data_dir: Path, n: int = 4, bytes_keys: bool = True) -> dict:
-    """CIFAR-10's python format as torchvision reads it, with n images per batch file. Python 3
-    pickles have bytes keys (b"data"); the official Python 2 files load with str keys: both work."""
+class Python2StylePickler(pickle._Pickler):
+    """Pickles the way the official CIFAR-10 files were written (Python 2, numpy 1, protocol 2): byte
+    strings as BINSTRING, which load as str under encoding="latin1", and numpy's array
+    reconstruction named numpy.core.multiarray. Python 3's protocol 2 would write bytes as calls of
+    _codecs.encode instead, which the official files never hold."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj: bytes):
+        n = len(obj)
+        opcode = pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + n.to_bytes(4, "little")
+        self.write(opcode + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+
+    def save_global(self, obj, name=None):
+        if getattr(obj, "__name__", None) == "_reconstruct":
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def python2_style_pickle(obj) -> bytes:
+    out = io.BytesIO()
+    Python2StylePickler(out, protocol=2).dump(obj)
+    return out.getvalue()
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def trust_fake_cifar(monkeypatch, folder: Path) -> None:
+    """The md5 check's seam: the fake batch files of `folder` count as the published ones."""
+    monkeypatch.setattr(idt, "CIFAR10_MD5", {p.name: md5_of(p) for p in folder.iterdir()})
+
+
+def write_tiny_cifar(data_dir: Path, monkeypatch=None, n: int = 4, style: str = "python3") -> dict:
+    """CIFAR-10's python format as torchvision reads it, with n images per batch file, pickled by
+    Python 3 (bytes keys, b"data") or like the official files (style "python2": they load with str
+    keys); both work. With `monkeypatch`, the files' md5s replace the published ones (they are fakes)."""
     folder = data_dir / idt.CIFAR10_FOLDER
     folder.mkdir(parents=True)
-    k = (lambda s: s.encode()) if bytes_keys else (lambda s: s)
+    dump = (lambda obj, f: f.write(python2_style_pickle(obj))) if style == "python2" else pickle.dump
     rng = np.random.default_rng(0)
     batches = {}
     for name in (*idt.CIFAR10_TRAIN_FILES, *idt.CIFAR10_TEST_FILES):
@@ -350,17 +631,19 @@ def write_tiny_cifar(data_dir: Path, n: int = 4, bytes_keys: bool = True) -> dic
         labels = rng.integers(0, 10, n).tolist()
         batches[name] = (data, labels)
         with open(folder / name, "wb") as f:
-            pickle.dump({k("batch_label"): k(name), k("labels"): labels, k("data"): data,
-                         k("filenames"): [k(f"{i}.png") for i in range(n)]}, f)
+            dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                  b"filenames": [f"{i}.png".encode() for i in range(n)]}, f)
     with open(folder / "batches.meta", "wb") as f:
-        names = [k(c) for c in CIFAR10_CLASSES]  # the real file has str names (bytes from Python 3)
-        pickle.dump({k("num_cases_per_batch"): n, k("label_names"): names, k("num_vis"): 3072}, f)
+        names = [c.encode() for c in CIFAR10_CLASSES]  # str from the official file, bytes from Python 3
+        dump({b"num_cases_per_batch": n, b"label_names": names, b"num_vis": 3072}, f)
+    if monkeypatch is not None:
+        trust_fake_cifar(monkeypatch, folder)
     return batches
 
 
-@pytest.mark.parametrize("bytes_keys", [True, False])
-def test_cifar10_python_format(tmp_path, bytes_keys):
-    batches = write_tiny_cifar(tmp_path, n=4, bytes_keys=bytes_keys)
+@pytest.mark.parametrize("style", ["python3", "python2"])
+def test_cifar10_python_format(tmp_path, monkeypatch, style):
+    batches = write_tiny_cifar(tmp_path, monkeypatch, n=4, style=style)
     train, test = idt.load_cifar10(tmp_path, download=False)
     assert train.images.shape == (20, 3, 32, 32) and test.images.shape == (4, 3, 32, 32)
     assert train.images.dtype == torch.uint8 and train.labels.dtype == torch.int64
@@ -389,11 +672,92 @@ def test_cifar10_missing_and_download_failing(tmp_path, monkeypatch):
         idt.load_cifar10(tmp_path / "other", download=False)
 
 
-def test_cifar10_corrupt_batch(tmp_path):
-    write_tiny_cifar(tmp_path)
+def test_cifar10_corrupt_batch(tmp_path, monkeypatch):
+    write_tiny_cifar(tmp_path, monkeypatch)
     (tmp_path / idt.CIFAR10_FOLDER / "data_batch_3").write_bytes(b"\x80\x04garbage")
-    with pytest.raises(DataError, match="data_batch_3"):
+    with pytest.raises(DataError, match="data_batch_3 is not the official CIFAR-10 file"):
         idt.load_cifar10(tmp_path, download=False)
+    trust_fake_cifar(monkeypatch, tmp_path / idt.CIFAR10_FOLDER)  # past the md5 check: the unpickling fails
+    with pytest.raises(DataError, match="data_batch_3 cannot be read as a CIFAR-10 pickle.*truncated or corrupt"):
+        idt.load_cifar10(tmp_path, download=False)
+
+
+class RunsACommand:
+    """A pickle that runs a shell command when loaded (what a planted batch file would do)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("md5_trusted", [False, True])  # refused by the md5, and by the unpickler behind it
+def test_planted_cifar_pickle_is_never_run(tmp_path, monkeypatch, md5_trusted):
+    write_tiny_cifar(tmp_path, monkeypatch)
+    marker = tmp_path / "the-pickle-ran"
+    batch = tmp_path / idt.CIFAR10_FOLDER / "data_batch_1"
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": RunsACommand(f"touch {marker}"), b"labels": []}, f)
+    if md5_trusted:
+        trust_fake_cifar(monkeypatch, batch.parent)
+    with pytest.raises(DataError) as err:
+        idt.load_cifar10(tmp_path, download=False)
+    assert not marker.exists()
+    msg = str(err.value)
+    assert f"{batch} is not the official CIFAR-10 file" in msg and f"Delete {batch.parent}/" in msg
+    assert ("posix.system" in msg or "nt.system" in msg) if md5_trusted else "md5" in msg
+
+
+def test_cifar_file_with_the_wrong_md5_is_refused_with_the_fix(tmp_path, monkeypatch):
+    write_tiny_cifar(tmp_path)  # fakes: their md5s are not the published ones
+    unpickled = []
+    monkeypatch.setattr(idt._CifarUnpickler, "load", lambda self: unpickled.append(1))
+    with pytest.raises(DataError) as err:
+        idt.load_cifar10(tmp_path, download=False)
+    folder = tmp_path / idt.CIFAR10_FOLDER
+    msg = str(err.value)
+    assert f"{folder / 'batches.meta'} is not the official CIFAR-10 file (md5 {md5_of(folder / 'batches.meta')}" in msg
+    assert f"expected {idt.CIFAR10_MD5['batches.meta']}" in msg and f"Delete {folder}/" in msg
+    assert "`data_dir`" in msg and unpickled == []  # refused before unpickling
+
+
+def test_published_cifar_md5s_are_torchvisions():
+    from torchvision.datasets import CIFAR10
+    published = dict(CIFAR10.train_list + CIFAR10.test_list) | {CIFAR10.meta["filename"]: CIFAR10.meta["md5"]}
+    assert idt.CIFAR10_MD5 == published and idt.CIFAR10_TGZ_MD5 == CIFAR10.tgz_md5
+
+
+@pytest.mark.parametrize("pickled", ["python2", "protocol 4", "protocol 5"])
+def test_restricted_unpickler_loads_plain_numpy_batches(pickled):
+    batch = {b"data": rgb(2, 3072 // 3).reshape(2, 3072), b"labels": [3, 1], b"batch_label": b"x"}
+    raw = (python2_style_pickle(batch) if pickled == "python2"
+           else pickle.dumps(batch, protocol=int(pickled[-1])))
+    if pickled == "protocol 5":  # numpy's out-of-band buffers name numpy._core.numeric._frombuffer
+        with pytest.raises(idt._NotOfficial, match="_frombuffer"):
+            idt._CifarUnpickler(io.BytesIO(raw), encoding="latin1").load()
+        return
+    loaded = idt._CifarUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    key = (lambda k: k.decode()) if pickled == "python2" else (lambda k: k)  # Python 2 strs load as str
+    assert np.array_equal(loaded[key(b"data")], batch[b"data"]) and loaded[key(b"data")].dtype == np.uint8
+    assert loaded[key(b"labels")] == [3, 1]
+
+
+class CutMidBody(io.BytesIO):
+    """An HTTP body that ends early: http.client raises IncompleteRead, which is no OSError."""
+
+    def read(self, n=-1):
+        if self.tell() >= 2000:
+            raise http.client.IncompleteRead(b"", 5000)
+        return super().read(min(n if n and n > 0 else 1000, 1000))
+
+
+def test_cifar_download_cut_mid_body_gives_a_data_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(idt.urllib.request, "urlopen", lambda url, timeout=None: CutMidBody(b"x" * 9000))
+    with pytest.raises(DataError) as err:
+        idt.load_cifar10(tmp_path / "data", download=True)
+    assert "downloading it failed (IncompleteRead" in str(err.value)
+    assert [p.name for p in (tmp_path / "data").iterdir()] == []  # no half download left behind
 
 
 def test_mnist32(data_dir):
@@ -460,8 +824,8 @@ def test_a_class_named_train_beside_other_classes_stays_a_class(tmp_path):
     assert test is None and train.class_names == ["apple", "train", "tulip"] and len(train) == 3
 
 
-def test_load_dataset_cifar10(tmp_path):
-    write_tiny_cifar(tmp_path)
+def test_load_dataset_cifar10(tmp_path, monkeypatch):
+    write_tiny_cifar(tmp_path, monkeypatch)
     train, test = idt.load_dataset("cifar10", tmp_path, 64, download=False)
     assert train.images.shape == (20, 3, 64, 64) and test.images.shape == (4, 3, 64, 64)
     # CIFAR-10 kept as image folders <data_dir>/cifar10/{train,test} (as on the shared data).

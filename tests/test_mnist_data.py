@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import io
 import os
 import urllib.error
@@ -376,6 +377,46 @@ def test_download_cut_short_leaves_no_part_file(make_mnist_copy, data_dir, monke
     msg = str(info.value)
     assert "downloading failed" in msg and "connection reset" in msg
     assert listing(root) == before
+
+
+class CutMidChunk(io.BytesIO):
+    """A response whose chunked body stops mid-chunk: http.client raises IncompleteRead, an
+    HTTPException and no OSError."""
+
+    def read(self, n=-1):
+        if self.tell() >= 2000:
+            raise http.client.IncompleteRead(b"", 1234)
+        return super().read(min(n if n and n > 0 else 1000, 1000))
+
+
+def test_mirror_cutting_a_chunk_short_falls_back_to_the_next(make_mnist_copy, data_dir, monkeypatch, arrays):
+    payload = real_gz_bytes(data_dir, TEST_LABELS)
+    calls = []
+
+    def fake_urlopen(url, timeout=None):
+        calls.append(url)
+        return CutMidChunk(payload) if url.startswith("https://cut.example/") else io.BytesIO(payload)
+
+    root = make_mnist_copy(names=[n for n in RAW_NAMES if n != TEST_LABELS])
+    monkeypatch.setattr("urllib.request.urlopen", fake_urlopen)
+    monkeypatch.setattr(mnist_data, "MNIST_MIRRORS", ("https://cut.example/", "https://good.example/"))
+    reports = []
+    mnist_data.ensure_mnist(root, download=True, report=reports.append)
+    assert [u.split("/")[2] for u in calls] == ["cut.example", "good.example"]
+    assert any("https://cut.example/: IncompleteRead" in r for r in reports)
+    labels = mnist_data.read_mnist_file(root / "MNIST" / "raw", mnist_data.MNIST_FILES["test_labels"])
+    assert np.array_equal(labels, arrays["test_labels"])
+
+
+def test_every_mirror_cutting_chunks_names_each_failure(make_mnist_copy, data_dir, monkeypatch):
+    payload = real_gz_bytes(data_dir, TEST_LABELS)
+    root = make_mnist_copy(names=[n for n in RAW_NAMES if n != TEST_LABELS])
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout=None: CutMidChunk(payload))
+    monkeypatch.setattr(mnist_data, "MNIST_MIRRORS", ("https://one.example/", "https://two.example/"))
+    msg = load_error_leaving_dir_untouched(root, download=True)  # a DataError, no traceback, no .part file
+    assert "downloading failed" in msg
+    for mirror in mnist_data.MNIST_MIRRORS:
+        assert f"{mirror}: IncompleteRead(0 bytes read, 1234 more expected)" in msg
 
 
 def test_unreachable_mirrors_give_a_clear_error(tmp_path, monkeypatch):
