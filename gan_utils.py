@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gan.runs import atomic_write_bytes, epoch_grid_paths
+from gan.runs import atomic_write_bytes, epoch_grid_paths, grid_epoch
 
 # --------------------------------------------------------------------------------------------
 # Preprocessing: pixel ranges and the epoch's minibatches
@@ -153,7 +153,7 @@ def save_gif(frame_paths: list, path: str | os.PathLike, ms_per_frame: int = 200
     """
     if not frame_paths:
         return 0
-    frames = [Image.open(p) for p in frame_paths]
+    frames = [Image.open(p, formats=("PNG",)) for p in frame_paths]  # the grids are PNGs: no other reader runs
     mode = "L" if all(f.mode == "L" for f in frames) else "RGB"  # grey digits, or colour images
     frames = [f.convert(mode) for f in frames]
     if labels is not None:
@@ -171,7 +171,7 @@ def save_progress_gif(run_dir: str | os.PathLike) -> int:
     """`progress.gif` in the run directory: its per-epoch grids, each labelled with its epoch.
     Returns the number of frames (0, writing nothing, when the run has no grids)."""
     frames = epoch_grid_paths(run_dir)
-    labels = [f"epoch {int(p.stem.split('_')[1])}" for p in frames]
+    labels = [f"epoch {grid_epoch(p)}" for p in frames]
     return save_gif(frames, Path(run_dir) / "progress.gif", labels=labels)
 
 

@@ -7,18 +7,23 @@ metrics.csv.
 
 from __future__ import annotations
 
+import io
 import math
 import os
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 
 import gan_utils as gu
+from gan.runs import atomic_write_bytes
 
 
 def _save_and_show(fig, path: str | os.PathLike) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    atomic_write_bytes(Path(path), buffer.getvalue())  # replaces a link planted there, never writes through it
     plt.show()
 
 

@@ -5,7 +5,8 @@
 * Run directories: one run per directory (a finished run is never overwritten by accident) and one
   process per directory (a lock that names its holder).
 * How to continue: the command that resumes a run, in every message that needs it.
-* Stopping safely: SIGTERM behaves like Ctrl-C, and a second interrupt cannot tear a save.
+* Stopping safely: SIGTERM behaves like Ctrl-C, a kernel whose parent process dies saves before it
+  goes, and a second interrupt cannot tear a save.
 * Checkpoints: plain dicts (`snapshot`: the config, every part's state_dict, the fixed noise, the
   random-number state, the history), saved atomically, loaded with `weights_only` (no code runs);
   `restore_training_state` puts one back, `roll_back` also puts the files back, and
@@ -29,9 +30,11 @@ import math
 import os
 import pickle
 import random
+import re
 import shlex
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -213,9 +216,20 @@ def run_files(run_dir: str | os.PathLike) -> list[Path]:
     return [path / n for n in RUN_OUTPUTS if (path / n).exists()] + epoch_grid_paths(path)
 
 
+GRID_NAME = re.compile(r"epoch_(\d+)\.png")  # what end_of_epoch writes: epoch_007.png, not "epoch_007 copy.png"
+
+
+def grid_epoch(path: Path) -> int | None:
+    """The epoch of a grid this project wrote (grids/epoch_007.png -> 7); None for any other name."""
+    match = GRID_NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
 def epoch_grid_paths(run_dir: str | os.PathLike) -> list[Path]:
-    """The per-epoch grid PNGs of a run, in epoch order."""
-    return sorted(Path(run_dir, "grids").glob("epoch_*.png"), key=lambda p: int(p.stem.split("_")[1]))
+    """The per-epoch grid PNGs of a run, in epoch order. Other files in grids/ (a file manager's
+    "epoch_002 copy.png", the user's own) are not the run's and are left alone."""
+    grids = [p for p in Path(run_dir, "grids").glob("epoch_*.png") if grid_epoch(p) is not None]
+    return sorted(grids, key=grid_epoch)
 
 
 def _resumes_here(resume: str | os.PathLike, run_dir: Path) -> bool:
@@ -230,13 +244,40 @@ def _resumes_here(resume: str | os.PathLike, run_dir: Path) -> bool:
         return False
 
 
+NOTEBOOKS = ("Vanilla_GAN.ipynb", "DCGAN.ipynb")
+
+
+def holds_project_run(run_dir: str | os.PathLike) -> bool:
+    """Whether `run_dir` holds a run of this project: its config.json (the first file a run writes)
+    names one of the notebooks. A directory with files of the same names but no such config.json
+    holds someone's own files, which no run may overwrite or delete."""
+    try:
+        config = json.loads(Path(run_dir, "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("notebook") in NOTEBOOKS
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
 def _refuse_other_run(path: Path, resume: str, overwrite: bool) -> None:
-    """ParameterError when `path` holds a run that this one would overwrite or mix its files into."""
+    """ParameterError when `path` holds a run that this one would overwrite or mix its files into,
+    or files of the names a run writes that are not a run's (overwrite never deletes those)."""
     files = run_files(path)
-    if not files or overwrite or _resumes_here(resume, path):
+    if not files or _resumes_here(resume, path):
         return
     names = [str(f.relative_to(path)) for f in files]
-    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    shown = _shown(names)
+    if not holds_project_run(path):
+        raise ParameterError(
+            f"run_dir = {str(path)!r} holds files of the names a run writes ({shown}) that are not a run of "
+            "this project (its config.json, if any, names no notebook of it): a run there would overwrite "
+            "them, and overwrite = True deletes only a run's own files. Choose another run_dir ('' for "
+            "runs/<date-time>/), or move those files away.")
+    if overwrite:
+        return
     replace = "or set overwrite = True, which deletes the old run's checkpoint, metrics and grids first"
     if resume:
         raise ParameterError(
@@ -250,6 +291,25 @@ def _refuse_other_run(path: Path, resume: str, overwrite: bool) -> None:
         f"run_dir = {str(path)!r} already holds a run ({shown}); a new run there would overwrite its "
         f"checkpoint and mix its files into the new run's. To continue that run, {cont}; to start a "
         f"new run, choose another run_dir ('' for runs/<date-time>/); {replace}.")
+
+
+def _refuse_older_checkpoint(path: Path, resume: str) -> None:
+    """ParameterError when `resume` is a checkpoint in `path` other than the run's own latest one
+    (a copy such as ck_epoch1.pt) and holds an earlier epoch: continuing there would delete the later
+    epochs' grids, metrics rows and checkpoint."""
+    latest = path / "checkpoint.pt"
+    if not latest.is_file() or os.path.samefile(Path(resume).expanduser(), latest):
+        return
+    older, newer = _saved_epoch(Path(resume).expanduser()), _saved_epoch(latest)
+    if older is None or newer is None or older >= newer:
+        return
+    branch = path.parent / f"{path.name}-from-epoch-{older}"
+    raise ParameterError(
+        f"resume = {str(resume)!r} holds epoch {older}, but this run's latest checkpoint, {latest}, holds "
+        f"epoch {newer}: continuing here from epoch {older} would delete epochs {older + 1}-{newer} (their "
+        f"grids, metrics rows and checkpoint). To branch from epoch {older}, give it a new directory: "
+        f"run_dir = {str(branch)!r} (headless: RUN_DIR={shlex.quote(str(branch))}); to continue the run, "
+        f"resume = {str(latest)!r}.")
 
 
 def _read_pid(fd: int) -> int | None:
@@ -290,7 +350,7 @@ def lock_holder(run_dir: str | os.PathLike) -> int | None:
     if fcntl is None or not lock_path.is_file() or _own_lock(path) is not None:
         return None
     try:
-        fd = os.open(lock_path, os.O_RDONLY)
+        fd = os.open(lock_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return None
     try:
@@ -358,7 +418,8 @@ def _flock_exclusive(fd: int, tries: int = 20, pause: float = 0.025) -> bool:
 def _acquire_lock(path: Path) -> RunDirLock:
     """Lock `path` for this process or raise ParameterError naming the PID that holds it."""
     try:
-        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, _ordinary_file_mode())
+        # O_NOFOLLOW: a link planted as .lock would otherwise have the PID written into its target.
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), _ordinary_file_mode())
     except OSError as exc:
         raise ParameterError(f"run_dir = {str(path)!r} is not writable ({exc.strerror}): use a "
                              "directory you can write to, or '' for runs/<date-time>/") from None
@@ -376,17 +437,52 @@ def _acquire_lock(path: Path) -> RunDirLock:
     return lock
 
 
+# The repository's own files: a run writing there would put its files among the sources (the executed
+# notebook over the notebook itself, at the root).
+REPOSITORY = Path(__file__).resolve().parents[1]
+SOURCE_DIRS = ("gan", "scripts", "tests", "docs", "images", "weights", ".ci", ".git")
+
+
+def _refuse_sources(path: Path) -> None:
+    """ParameterError when `path` is the repository's root or inside one of its source folders."""
+    real = Path(os.path.realpath(path))
+    inside = [d for d in SOURCE_DIRS if real == REPOSITORY / d or (REPOSITORY / d) in real.parents]
+    if real == REPOSITORY or inside:
+        where = "the repository's root" if real == REPOSITORY else f"the repository's {inside[0]}/ folder"
+        raise ParameterError(f"run_dir = {str(path)!r} is {where}: a run there would write its files (and "
+                             "the executed notebook) among the sources. Use a directory of its own, e.g. "
+                             "runs/<name>, or '' for runs/<date-time>/")
+
+
+def _refuse_links(path: Path) -> None:
+    """ParameterError when a name a run writes in `path` is a symbolic link: a run writes its own
+    files, never through a link planted there to another file."""
+    names = (LOCK_FILE, "grids", *RUN_OUTPUTS)
+    links = [n for n in names if (path / n).is_symlink()]
+    links += [str(p.relative_to(path)) for p in epoch_grid_paths(path) if p.is_symlink()]
+    if links:
+        raise ParameterError(f"run_dir = {str(path)!r} has symbolic links where a run writes its files "
+                             f"({', '.join(links)}): a run never writes through a link. Remove them "
+                             f"(e.g. `rm {shlex.quote(str(path / links[0]))}`), or choose another run_dir.")
+
+
 def check_run_dir(run_dir: str | os.PathLike, resume: str = "", overwrite: bool = False) -> Path:
-    """Refuse, before anything is written, a run directory that is a file, that another live process
-    is writing to, or that holds a run this one is not resuming (unless `overwrite`). Writes nothing,
-    so it can run first; claim_run_dir() repeats the checks under the lock."""
+    """Refuse, before anything is written, a run directory that is a file, inside the repository's
+    sources, has links planted where a run writes, is being written by another live process, or holds
+    a run this one is not resuming (unless `overwrite`). Writes nothing, so it can run first;
+    claim_run_dir() repeats the checks under the lock."""
     path = Path(run_dir).expanduser()
     if path.exists() and not path.is_dir():
         raise ParameterError(f"run_dir = {str(path)!r} is a file, not a directory: use a directory "
                              "path, or '' for runs/<date-time>/")
+    _refuse_sources(path)
+    if path.is_dir():
+        _refuse_links(path)
     pid = lock_holder(path)
     if pid is not None:
         raise ParameterError(_busy_message(path, pid))
+    if _resumes_here(resume, path):
+        _refuse_older_checkpoint(path, resume)
     if _own_lock(path) is not None and run_files(path) and not _resumes_here(resume, path):
         # This kernel's own run, from an earlier run of the setup cells: overwrite = True would
         # delete the run that is open here.
@@ -419,6 +515,7 @@ def claim_run_dir(run_dir: str | os.PathLike, resume: str = "", overwrite: bool 
         _refuse_other_run(path, resume, overwrite)  # again: nobody else can start there now
         if overwrite and not _resumes_here(resume, path):  # never the run being resumed
             clear_run_files(path)
+        remove_dead_writers_files(path)  # what a killed run left half-written
     except BaseException:
         if fresh:
             lock.release()
@@ -433,6 +530,14 @@ def clear_run_files(run_dir: str | os.PathLike) -> list[Path]:
     gone = run_files(path)
     for f in gone:
         f.unlink(missing_ok=True)
+    return gone + remove_dead_writers_files(path)
+
+
+def remove_dead_writers_files(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed writers left in `run_dir` (a checkpoint cut short by a
+    kill is 20-40 MB); those of live processes stay. Returns what was deleted."""
+    path = Path(run_dir).expanduser()
+    gone = []
     for name in RUN_OUTPUTS:
         gone += remove_dead_temp_files(path / name, ".tmp")
     return gone
@@ -441,7 +546,7 @@ def clear_run_files(run_dir: str | os.PathLike) -> list[Path]:
 def remove_grids_after(run_dir: str | os.PathLike, epoch: int) -> list[Path]:
     """Delete grids/epoch_N.png for N > `epoch`: pictures of epochs that a resume or a rollback
     undid, which would otherwise appear in progress.gif. Returns what was deleted."""
-    stale = [p for p in epoch_grid_paths(run_dir) if int(p.stem.split("_")[1]) > epoch]
+    stale = [p for p in epoch_grid_paths(run_dir) if grid_epoch(p) > epoch]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -467,25 +572,36 @@ def notebook_of_run(run_dir: str | os.PathLike) -> str:
         return DEFAULT_NOTEBOOK
 
 
-def _make_run_in(run_dir: str | os.PathLike) -> str:
-    """`make run [NOTEBOOK=...] RUN_DIR=...` for the notebook whose run is in `run_dir`, quoted."""
-    notebook = notebook_of_run(run_dir)
+def _make_run_in(run_dir: str | os.PathLike, notebook: str | None = None) -> str:
+    """`make run [NOTEBOOK=...] RUN_DIR=...` for `notebook` (by default the one whose run is in
+    `run_dir`), quoted."""
+    notebook = notebook or notebook_of_run(run_dir)
     which = "" if notebook == DEFAULT_NOTEBOOK else f"NOTEBOOK={shlex.quote(notebook)} "
     return f"make run {which}RUN_DIR={shlex.quote(str(run_dir))}"
 
 
-def restart_command(run_dir: str | os.PathLike) -> str:
+def _params(pairs: dict) -> str:
+    """PARAMS="-p name value ..." for make: make passes PARAMS to the shell unquoted, so each value
+    carries its own quotes (any path works, spaces too)."""
+    text = " ".join(f"-p {name} {shlex.quote(str(value))}" for name, value in pairs.items())
+    return f"PARAMS={_double_quoted(text)}"
+
+
+def restart_command(run_dir: str | os.PathLike, notebook: str | None = None, parameters: dict | None = None) -> str:
     """The shell command that starts a run afresh in `run_dir`, deleting the files of the run that
-    stopped there before its first checkpoint (overwrite: nothing to resume is lost)."""
-    return f'{_make_run_in(run_dir)} PARAMS="-p overwrite True"'
+    stopped there before its first checkpoint (overwrite: nothing to resume is lost). `parameters`
+    are the ones the stopped run was started with (its dataset, its settings), so it starts again as
+    it was; where a run writes is left out (RUN_DIR says it)."""
+    kept = {k: v for k, v in (parameters or {}).items() if k not in ("run_dir", "overwrite", "resume")}
+    return f"{_make_run_in(run_dir, notebook)} {_params({'overwrite': True, **kept})}"
 
 
-def resume_command(checkpoint: str | os.PathLike) -> str:
-    """The shell command that continues a run headless, quoted so that any path works (spaces too):
-    make passes PARAMS to the shell unquoted, so the path inside it carries its own quotes."""
+def resume_command(checkpoint: str | os.PathLike, notebook: str | None = None) -> str:
+    """The shell command that continues a run headless. The checkpoint holds the run's settings
+    (its dataset included), which a resumed run keeps unless told otherwise, so it needs only
+    resume; `notebook` is the checkpoint's run's (by default read from its config.json)."""
     checkpoint = Path(checkpoint)
-    params = "-p resume " + shlex.quote(str(checkpoint))
-    return f"{_make_run_in(checkpoint.parent)} PARAMS={_double_quoted(params)}"
+    return f"{_make_run_in(checkpoint.parent, notebook)} {_params({'resume': checkpoint})}"
 
 
 def resume_message(checkpoint: Path, epoch: int) -> str:
@@ -525,6 +641,72 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class _ParentPidHeld(int):
+    """ipykernel's parent poller (`ParentPollerUnix`) checks `os.getppid() != parent_pid` every second
+    and ends the kernel at once (os._exit) when its parent is gone, with the run's unsaved epochs.
+    While this value stands in for its parent_pid, that check never fires (the reflected __ne__ of an
+    int subclass is tried first), so the kernel lives until interrupted_when_orphaned's save is done."""
+
+    def __ne__(self, other):
+        return False
+
+    __hash__ = int.__hash__
+
+
+def _ipykernel_parent_poller():
+    """The running ipykernel's parent poller, or None (not in a kernel, or a kernel without one)."""
+    try:
+        from ipykernel.kernelapp import IPKernelApp
+        from ipykernel.parentpoller import ParentPollerUnix
+    except ImportError:
+        return None
+    poller = IPKernelApp.instance().poller if IPKernelApp.initialized() else None
+    return poller if isinstance(poller, ParentPollerUnix) else None
+
+
+@contextlib.contextmanager
+def interrupted_when_orphaned(poll_seconds: float = 0.2):
+    """Inside the block, a kernel whose parent (papermill, make run's runner, a multi-run engine's
+    worker) exits or is killed is interrupted as SIGTERM would (the training cell rolls back to the
+    last completed epoch and saves it) instead of being ended by ipykernel within a second, unsaved.
+    ipykernel's own parent check is held during the block and back afterwards: then the orphaned
+    kernel shuts down as it always did, its checkpoint saved. Outside the main thread it does nothing."""
+    if not _in_main_thread():
+        yield
+        return
+    parent, done = os.getppid(), threading.Event()
+    poller = _ipykernel_parent_poller()
+    if poller is not None:
+        poller.parent_pid = _ParentPidHeld(poller.parent_pid)
+
+    def watch():
+        while not done.wait(poll_seconds):
+            if os.getppid() != parent:
+                say_to_log(f"the kernel's parent process (PID {parent}) is gone: saving the last completed "
+                           "epoch before shutting down")
+                # A real signal (not _thread.interrupt_main) also wakes a main thread that waits in C
+                # code; sigterm_as_interrupt's handler then takes the save path.
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+                return
+
+    watcher = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if poller is not None:
+            poller.parent_pid = int(poller.parent_pid)
+
+
+def say_to_log(text: str) -> None:
+    """A line on the process's own stderr (a kernel's goes to kernel.log): still read when nobody
+    reads the cells' output any more."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.__stderr__.write(text + "\n")
+        sys.__stderr__.flush()
 
 
 @contextlib.contextmanager
@@ -723,11 +905,18 @@ def roll_back(state: dict, parts: dict, checkpoint_path: Path, run_path: Path) -
     interrupt or a NaN): memory and disk then agree, and re-running the training cell continues from
     there. Returns the snapshot's (history, epoch) for the notebook's variables."""
     history, epoch = restore_training_state(state, parts)
-    save_checkpoint(checkpoint_path, state)
+    save_epoch(checkpoint_path, state)
     remove_grids_after(run_path, epoch)  # the unfinished epoch's grid, if it was written
-    if history:
-        write_metrics_csv(Path(run_path) / "metrics.csv", history)
     return history, epoch
+
+
+def save_epoch(checkpoint_path: str | os.PathLike, state: dict) -> None:
+    """Save the snapshot `state` as the run's checkpoint, then its history as metrics.csv beside it.
+    In that order, so that however a run ends (a kill included) metrics.csv never holds an epoch that
+    no checkpoint holds: its rows are what a resume continues from."""
+    save_checkpoint(checkpoint_path, state)
+    if state["history"]:
+        write_metrics_csv(Path(checkpoint_path).parent / "metrics.csv", state["history"])
 
 
 @contextlib.contextmanager
@@ -737,7 +926,7 @@ def rolled_back_when_stopped(roll_back_to_last_good: Callable[[], int], checkpoi
     `roll_back_to_last_good()` (it returns the epoch it went back to), with a second interrupt held
     until its save is done, then re-raise: re-running the training cell then trains the unfinished
     epoch once, not on top of its half. An interrupt also prints how to resume."""
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt(), interrupted_when_orphaned():
         try:
             yield
         except KeyboardInterrupt:

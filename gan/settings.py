@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import ast
 import difflib
+import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -126,6 +128,40 @@ RETIRED_PARAMETERS = {
 # Settings added later, with the value that training had before them: a checkpoint that predates one
 # trained with that value (retired_settings() says when it continues with another).
 VALUE_BEFORE_SETTING = {"beta2": 0.999}
+
+
+def rules_for(notebook: str | Path) -> dict:
+    """The parameter rules of `notebook` (a path or name): DCGAN.ipynb's, else Vanilla_GAN.ipynb's."""
+    return DCGAN_PARAMETER_RULES if Path(notebook).name == "DCGAN.ipynb" else PARAMETER_RULES
+
+
+def _literal(text: str):
+    """`text` as papermill's command line types a `-p` value (True/False/None, int, float, str), and a
+    list in brackets read as JSON (papermill's own command line needs -y for a list)."""
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    if text in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[text]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def typed_parameter(name: str, text: str, rules: dict = PARAMETER_RULES):
+    """A `-p name value` from a command line, typed by the parameter's own rule: a path or a name
+    (run_dir = '2024_12_01', dataset = '2024', run_dir = '007') stays the string as typed, a number or a
+    list is parsed. A value that its rule refuses either way is returned as papermill would type it, for
+    validate_parameters() to name; so is an unknown name."""
+    value = _literal(text)
+    if name in rules and not rules[name][0](value) and rules[name][0](text):
+        return text
+    return value
 
 
 RUN_BOOKKEEPING = ("resume", "run_dir", "overwrite")  # where a run reads and writes, not how it trains
@@ -282,12 +318,118 @@ def validate_against_data(config: dict, n_train: int) -> None:
         raise ParameterError("settings that do not fit the data:\n  - " + "\n  - ".join(problems))
 
 
+def machine_memory() -> int | None:
+    """The machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+# The most memory one part of a run (the samples scored at once, the networks with their optimizer
+# state) may plan to take: the data, the other part and the machine's other work need the rest.
+MEMORY_SHARE = 0.5
+# Bytes a float32 number of a network costs in training: the weight, its gradient, Adam's two
+# moments, and G's moving average (counted for D too: a bound, not a measurement).
+BYTES_PER_PARAMETER = 4 * 5
+# A sample's float32 pixels, and the two copies the scores make of it (flattened, and in [0, 1]).
+BYTES_PER_SAMPLE_PIXEL = 4 * 3
+
+
+def parameter_count(config: dict, rules: dict = PARAMETER_RULES) -> int:
+    """The number of parameters of G and D as `config` would build them, counted on PyTorch's meta
+    device (shapes only: no memory is taken, however wide the layers)."""
+    with torch.device("meta"):
+        if rules is DCGAN_PARAMETER_RULES:
+            from gan import dcgan
+            size = config["image_size"]
+            nets = (dcgan.Generator(config["latent_dim"], config["g_width"], size),
+                    dcgan.Discriminator(config["d_width"], size))
+        else:
+            from gan import vanilla_gan
+            d_hidden = D_HIDDEN_WIDE if config["d_hidden"] == "auto" else config["d_hidden"]
+            nets = (vanilla_gan.Generator(config["latent_dim"], config["g_hidden"], config["g_batchnorm"]),
+                    vanilla_gan.Discriminator(d_hidden))
+    return sum(p.numel() for net in nets for p in net.parameters())
+
+
+def validate_memory(config: dict, rules: dict = PARAMETER_RULES, memory: int | None = None) -> None:
+    """ParameterError for sample counts and network widths that could not fit in this machine's
+    memory (`memory` bytes; by default its physical memory), found before anything is written rather
+    than at an allocation after training or in the first epoch's scores. Call it after
+    validate_parameters (it needs valid values)."""
+    memory = memory or machine_memory()
+    if memory is None:
+        return
+    budget, gib = memory * MEMORY_SHARE, memory / 2 ** 30
+    pixels = 3 * config["image_size"] ** 2 if rules is DCGAN_PARAMETER_RULES else 28 * 28
+    per_sample, problems = pixels * BYTES_PER_SAMPLE_PIXEL, []
+    for name in ("metrics_samples", "eval_samples"):
+        n = config.get(name, 0)
+        if n * per_sample > budget:
+            problems.append(f"{name} = {n:,} needs about {n * per_sample / 2 ** 30:,.1f} GiB for its samples, more "
+                            f"than half of this machine's {gib:,.1f} GiB: use at most {int(budget // per_sample):,}")
+    try:
+        count = parameter_count(config, rules)
+    except (RuntimeError, ValueError, OverflowError) as exc:  # a width too large even to describe a shape
+        problems.append(f"the networks' widths cannot be built ({type(exc).__name__}: {exc}); use smaller widths")
+    else:
+        if count * BYTES_PER_PARAMETER > budget:
+            widths = "g_width, d_width" if rules is DCGAN_PARAMETER_RULES else "g_hidden, d_hidden"
+            problems.append(f"latent_dim and the widths ({widths}) make networks of {count:,} parameters, about "
+                            f"{count * BYTES_PER_PARAMETER / 2 ** 30:,.1f} GiB to train, more than half of this "
+                            f"machine's {gib:,.1f} GiB: use smaller widths")
+    if problems:
+        raise ParameterError("settings too large for this machine's memory:\n  - " + "\n  - ".join(problems))
+
+
 def nothing_to_train_message(epochs: int, epochs_done: int) -> str | None:
     """What the training cell says when a resumed run already has `epochs` epochs (None otherwise):
     the later cells still run on the loaded models, so a finished run can be re-evaluated."""
     if epochs > epochs_done:
         return None
     return (f"nothing to train: epochs ({epochs}) <= epochs done ({epochs_done}); raise epochs to continue")
+
+
+# Where and how a run computes, not what it trains: a resumed run takes these as they are set now
+# (another machine, another data location, another precision), everything else from its checkpoint.
+HOW_AND_WHERE = ("data_dir", "run_dir", "resume", "overwrite", "device", "matmul_precision", "cuda_graphs")
+
+
+def notebook_defaults(rules: dict = PARAMETER_RULES) -> dict:
+    """The defaults of the notebook whose rules are `rules`: its parameters cell, as exported."""
+    if rules is DCGAN_PARAMETER_RULES:
+        from gan.dcgan import notebook_parameters
+    else:
+        from gan.vanilla_gan import notebook_parameters
+    return notebook_parameters()
+
+
+def set_by_user(config: dict, namespace: dict, defaults: dict) -> set[str]:
+    """The settings the user chose for this run: the names papermill injected (`-p`), and any whose
+    value differs from the notebook's default (edited in the parameters cell, or set in a new cell)."""
+    injected = injected_parameters(namespace.get("In", []))
+    return set(injected) | {k for k, v in config.items() if k in defaults and v != defaults[k]}
+
+
+def resumed(config: dict, checkpoint_config: dict, namespace: dict,
+            rules: dict = PARAMETER_RULES) -> tuple[dict, str]:
+    """(settings, one line saying so) for a run resumed from a checkpoint with `checkpoint_config`:
+    the run continues with its own settings (its learning rates, its train_subset, DCGAN's dataset),
+    and only those the user set for this run (set_by_user) replace them; where and how it computes
+    (HOW_AND_WHERE) are always as set now. A setting the checkpoint predates keeps its value now."""
+    check_same_notebook(checkpoint_config, config)
+    mine = set_by_user(config, namespace, notebook_defaults(rules))
+    # ("auto" stays: it resolves to what the checkpoint's networks have, e.g. resolve_d_hidden.)
+    kept = {k: checkpoint_config[k] for k in config
+            if k in checkpoint_config and k not in mine and k not in HOW_AND_WHERE and config[k] != "auto"}
+    resumed_config = {**config, **kept}
+    validate_parameters(resumed_config, rules)  # an older version's checkpoint may hold a value now refused
+    changed = settings_changed(checkpoint_config, resumed_config)
+    changes = ", ".join(f"{k} {was!r} -> {now!r}" for k, (was, now) in changed.items()
+                        if k not in HOW_AND_WHERE and now != "auto")
+    note = "with the run's own settings" + (f", except those set for this run: {changes}" if changes else "")
+    return resumed_config, note
 
 
 def checked(namespace: dict, rules: dict = PARAMETER_RULES, applied: dict | None = None,
@@ -304,6 +446,7 @@ def checked(namespace: dict, rules: dict = PARAMETER_RULES, applied: dict | None
     config = parameters_from(namespace, rules)
     injected = injected_parameters(namespace.get("In", [])) if applied is None else {}
     validate_parameters({**config, **injected, **misspelt_parameters(namespace, rules)}, rules)
+    validate_memory(config, rules)
     if applied is not None:
         config = {**{k: v for k, v in applied.items() if k not in rules}, **config}  # what the data decided, e.g. channels
         if config.get("d_hidden") == "auto":
@@ -367,16 +510,23 @@ def notebook_of(config: dict) -> str:
     return "DCGAN.ipynb" if "g_width" in config else "Vanilla_GAN.ipynb"
 
 
+def check_same_notebook(checkpoint_config: dict, config: dict) -> str:
+    """CheckpointError when the checkpoint is the other notebook's (every setting would differ: say
+    why instead); returns the notebook that made it."""
+    made_by, resumed_in = notebook_of(checkpoint_config), notebook_of(config)
+    if made_by != resumed_in:
+        raise CheckpointError(f"this is a checkpoint of {made_by}, not of {resumed_in}: resume it with "
+                              f"{made_by}, or start afresh with resume=''.")
+    return made_by
+
+
 def check_checkpoint_fits(checkpoint_config: dict, config: dict) -> None:
     """Raise CheckpointError listing every architecture setting where checkpoint and notebook differ,
     and the moving average of G switched on or off."""
     def wanted(k):  # lists and tuples of widths compare equal
         return list(config[k]) if isinstance(config.get(k), tuple) else config.get(k)
 
-    made_by, resumed_in = notebook_of(checkpoint_config), notebook_of(config)
-    if made_by != resumed_in:  # every setting would differ: say why instead
-        raise CheckpointError(f"this is a checkpoint of {made_by}, not of {resumed_in}: resume it with "
-                              f"{made_by}, or start afresh with resume=''.")
+    made_by = check_same_notebook(checkpoint_config, config)
     keys = DCGAN_ARCHITECTURE_KEYS if made_by == "DCGAN.ipynb" else ARCHITECTURE_KEYS
 
     diffs = [f"{k}: checkpoint has {built_with(checkpoint_config, k)!r}, notebook has {wanted(k)!r}"

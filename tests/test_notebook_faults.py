@@ -62,7 +62,7 @@ class NotebookProcess:
 
     def __init__(self, workdir: Path, data_dir: Path, run_dir: Path, **params):
         workdir.mkdir(parents=True, exist_ok=True)
-        full = notebook_params(workdir, data_dir, run_dir=str(run_dir), **FAULT_PARAMS, **params)
+        full = notebook_params(workdir, data_dir, run_dir=str(run_dir), **{**FAULT_PARAMS, **params})
         params_file = workdir / "params.yaml"
         params_file.write_text(yaml.safe_dump(full))
         self.log = open(workdir / "papermill.log", "wb")
@@ -207,6 +207,26 @@ def test_sigkill_then_resume_equals_undisturbed_run(reference, data_dir, tmp_pat
 def kernels_of_this_process():
     return [p for p in psutil.Process().children(recursive=True)
             if any("ipykernel" in part for part in p.cmdline())]
+
+
+def test_sigterm_to_plain_papermill_saves_the_last_epoch_before_the_kernel_goes(reference, data_dir, tmp_path):
+    # What a scheduler or a multi-run engine sends: papermill dies at once, and the kernel, orphaned,
+    # must save the epochs since its last checkpoint (here: none was due before epoch 100) first.
+    run_dir = tmp_path / "run"
+    proc = NotebookProcess(tmp_path / "work", data_dir, run_dir, epochs=40, checkpoint_every=100)
+    assert proc.wait_for(lambda: (run_dir / "grids" / "epoch_002.png").exists()), proc.log.name
+    assert not proc.ckpt.exists()
+    proc.proc.send_signal(signal.SIGTERM)
+    proc.proc.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.kernel_alive():
+        time.sleep(0.05)
+    assert not proc.kernel_alive(), "the orphaned kernel did not shut down"
+    ck, problems = check_checkpoint(proc.ckpt, without_machine_columns(metrics_rows(reference.run_dir)))
+    assert 2 <= ck["epoch"] < 40 and not problems, problems
+    assert len(runs.read_metrics_csv(run_dir / "metrics.csv")) == ck["epoch"]
+    proc.log.close()
+    assert "the kernel's parent process" in (tmp_path / "work" / "papermill.log").read_text()  # the kernel's stderr
 
 
 def test_interrupt_saves_and_says_how_to_resume(reference, data_dir, tmp_path):

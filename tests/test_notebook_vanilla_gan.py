@@ -203,19 +203,23 @@ def test_resume_equals_straight_run(run, notebook_runs, tmp_path, data_dir):
         assert gif.n_frames == 4
 
 
-def test_auto_d_widths_follow_the_hardware_and_a_resume_keeps_its_own(run, tmp_path, data_dir):
+def test_auto_d_widths_follow_the_hardware_and_a_resume_keeps_its_own_widths_and_settings(run, tmp_path, data_dir):
     config = json.loads((run.run_dir / "config.json").read_text())
     assert config["d_hidden"] == settings.resolve_d_hidden("auto", torch.device("cpu"))[0]
     assert config["d_hidden_reason"].startswith("auto: ")
-    # A run made with other widths (as "auto" picks on another kind of machine) continues with its own.
-    first = execute_cached(tmp_path / "first", data_dir, d_hidden=[64, 32], epochs=1, eval_samples=0)
+    # A run made with other widths (as "auto" picks on another kind of machine) and its own learning
+    # rate continues with both, when the resume passes neither (the command a stop prints).
+    first = execute_cached(tmp_path / "first", data_dir, d_hidden=[64, 32], lr_g=1e-4, epochs=1, eval_samples=0)
     first.check()
     second = execute_cached(tmp_path / "second", data_dir, resume=str(first.run_dir / "checkpoint.pt"), run_dir="",
                             epochs=2, eval_samples=0)
     second.check()
-    assert "D's hidden layers: [64, 32] (auto: the widths of the networks being continued)" in notebook_text(second.nb)
+    text = notebook_text(second.nb)
+    assert "D's hidden layers: [64, 32] (auto: the widths of the networks being continued)" in text
+    assert "after epoch 1, with the run's own settings, except those set for this run: epochs 1 -> 2" in text
     resumed = runs.load_checkpoint(first.run_dir / "checkpoint.pt")
-    assert resumed["epoch"] == 2 and resumed["config"]["d_hidden"] == [64, 32]
+    assert resumed["epoch"] == 2 and resumed["config"]["d_hidden"] == [64, 32] and resumed["config"]["lr_g"] == 1e-4
+    assert json.loads((first.run_dir / "config.json").read_text())["lr_g"] == 1e-4
 
 
 def test_sweep_trains_the_same_weights_as_the_notebook(run, tmp_path, data_dir):

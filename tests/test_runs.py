@@ -59,7 +59,7 @@ def finished_run(path: Path, epochs: int = 2) -> Path:
     """A directory as a finished run leaves it."""
     (path / "grids").mkdir(parents=True)
     runs.save_checkpoint(path / "checkpoint.pt", full_checkpoint(epochs))
-    runs.write_json(path / "config.json", {"epochs": epochs})
+    runs.write_json(path / "config.json", {"epochs": epochs, "notebook": "Vanilla_GAN.ipynb"})
     runs.write_metrics_csv(path / "metrics.csv", [{"epoch": e + 1} for e in range(epochs)])
     for e in range(epochs):
         (path / "grids" / f"epoch_{e + 1:03d}.png").write_bytes(b"png")
@@ -165,7 +165,7 @@ def test_overwrite_never_deletes_the_run_being_resumed(tmp_path):
 def test_setup_cells_run_again_over_this_kernels_own_run_say_how_to_go_on(tmp_path):
     run = tmp_path / "run"
     with runs.claim_run_dir(run):
-        runs.write_json(run / "config.json", {"epochs": 1})  # the run has started here
+        runs.write_json(run / "config.json", {"epochs": 1, "notebook": "Vanilla_GAN.ipynb"})  # the run has started here
         for overwrite in (False, True):  # the advice to overwrite would delete the run open here
             with pytest.raises(errors.ParameterError, match=r"holds the run this kernel is training\. To continue it"):
                 runs.check_run_dir(run, overwrite=overwrite)
@@ -181,6 +181,102 @@ def test_the_command_to_start_again_is_accepted_where_a_run_stopped_before_its_f
     with pytest.raises(errors.ParameterError):
         runs.check_run_dir(run)  # the same command without overwrite is refused
     assert runs.check_run_dir(run, overwrite=True) == run
+
+
+def test_a_directory_with_the_users_own_config_json_is_never_overwritten(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"lr": 0.1}')  # the user's own experiment settings
+    (mine / "notes.txt").write_text("mine")
+    before = listing(mine)
+    for overwrite in (False, True):  # overwrite deletes a run's files, and these are not a run's
+        with pytest.raises(errors.ParameterError, match="not a run of this project") as info:
+            runs.claim_run_dir(mine, overwrite=overwrite)
+        assert "config.json" in str(info.value) and "Choose another run_dir" in str(info.value)
+    assert listing(mine) == before and (mine / "config.json").read_text() == '{"lr": 0.1}'
+
+
+@pytest.mark.parametrize("inside", ["", "gan", "tests/sub", ".git"])
+def test_a_run_directory_among_the_sources_is_refused(inside):
+    with pytest.raises(errors.ParameterError, match="among the sources"):
+        runs.check_run_dir(REPO_ROOT / inside)
+
+
+def test_a_run_directory_in_the_repositorys_runs_folder_is_fine():
+    run = REPO_ROOT / "runs" / "a-run-that-does-not-exist"
+    assert runs.check_run_dir(run) == run
+
+
+@pytest.mark.parametrize("name", [runs.LOCK_FILE, "checkpoint.pt", "metrics.csv", "grids", "grids/epoch_001.png"])
+def test_links_planted_where_a_run_writes_are_refused_and_their_targets_untouched(tmp_path, name):
+    run = finished_run(tmp_path / "run")
+    target = tmp_path / "precious"
+    target.mkdir() if name == "grids" else target.write_text("precious")
+    link = run / name
+    if link.is_dir():
+        import shutil
+        shutil.rmtree(link)
+    else:
+        link.unlink(missing_ok=True)
+    link.symlink_to(target)
+    with pytest.raises(errors.ParameterError, match="symbolic links") as info:
+        runs.claim_run_dir(run, resume=str(run / "checkpoint.pt") if name != "checkpoint.pt" else "")
+    assert name in str(info.value)
+    assert target.is_dir() and not any(target.iterdir()) if name == "grids" else target.read_text() == "precious"
+
+
+def test_resuming_an_older_copy_of_a_runs_checkpoint_is_refused_with_the_choices(tmp_path):
+    run = finished_run(tmp_path / "r", epochs=3)
+    runs.save_checkpoint(run / "ck_epoch1.pt", full_checkpoint(1))
+    before = listing(run)
+    with pytest.raises(errors.ParameterError) as info:
+        runs.claim_run_dir(run, resume=str(run / "ck_epoch1.pt"))
+    msg = str(info.value)
+    assert "holds epoch 1" in msg and "holds epoch 3" in msg and "delete epochs 2-3" in msg
+    assert f"run_dir = {str(tmp_path / 'r-from-epoch-1')!r}" in msg
+    assert f"resume = {str(run / 'checkpoint.pt')!r}" in msg
+    assert listing(run) == before
+    with runs.claim_run_dir(tmp_path / "r-from-epoch-1", resume=str(run / "ck_epoch1.pt")):  # the branch
+        pass
+    assert listing(run) == before
+
+
+def test_a_copy_of_the_latest_checkpoint_resumes_in_place(tmp_path):
+    run = finished_run(tmp_path / "r", epochs=3)
+    runs.save_checkpoint(run / "backup.pt", full_checkpoint(3))
+    with runs.claim_run_dir(run, resume=str(run / "backup.pt")):
+        pass
+
+
+def test_only_grids_the_run_wrote_count_as_its_epochs(tmp_path):
+    run = finished_run(tmp_path / "run", epochs=3)
+    (run / "grids" / "epoch_002 copy.png").write_bytes(b"a file manager's copy")
+    (run / "grids" / "epoch_best.png").write_bytes(b"the user's")
+    assert [p.name for p in runs.epoch_grid_paths(run)] == ["epoch_001.png", "epoch_002.png", "epoch_003.png"]
+    assert [p.name for p in runs.remove_grids_after(run, 1)] == ["epoch_002.png", "epoch_003.png"]
+    left = sorted(p.name for p in (run / "grids").iterdir())
+    assert left == ["epoch_001.png", "epoch_002 copy.png", "epoch_best.png"]
+
+
+def test_claiming_a_run_directory_removes_what_killed_writers_left(tmp_path):
+    run = finished_run(tmp_path / "run")
+    dead = spawn_and_reap()
+    torn = run / f"checkpoint.pt.{dead}.abcd1234.tmp"
+    torn.write_bytes(b"x" * 1000)
+    live = run / f"metrics.csv.{os.getppid()}.abcd1234.tmp"  # a live process's: it may be writing now
+    live.write_bytes(b"x")
+    with runs.claim_run_dir(run, resume=str(run / "checkpoint.pt")):
+        assert not torn.exists() and live.exists()
+
+
+def test_metrics_csv_is_written_after_its_checkpoint(tmp_path, monkeypatch):
+    state = full_checkpoint(2)
+    runs.save_epoch(tmp_path / "checkpoint.pt", state)
+    assert len(runs.read_metrics_csv(tmp_path / "metrics.csv")) == 2
+    monkeypatch.setattr(runs, "save_checkpoint", fail(runs.DiskFullError(errno.ENOSPC, "full")))
+    with pytest.raises(runs.DiskFullError):
+        runs.save_epoch(tmp_path / "checkpoint.pt", full_checkpoint(3))
+    assert len(runs.read_metrics_csv(tmp_path / "metrics.csv")) == 2  # never an epoch no checkpoint holds
 
 
 def test_new_directory_is_created_locked_with_our_pid(tmp_path):
@@ -653,6 +749,45 @@ def test_sigterm_raises_keyboardinterrupt_inside_the_block_only():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+ORPHAN = """
+import subprocess, sys, time
+from pathlib import Path
+if sys.argv[1] == "parent":  # starts the training process, then dies as papermill does on SIGTERM
+    subprocess.Popen([sys.executable, __file__, "child", sys.argv[2]])
+    while not Path(sys.argv[2], "training").exists():
+        time.sleep(0.02)
+    sys.exit(0)
+sys.path.insert(0, {root!r})
+from gan import runs
+out = Path(sys.argv[2])
+
+def roll_back():
+    time.sleep(2)  # a slow save: longer than ipykernel's 1 s parent check would have allowed
+    (out / "saved").write_text("epoch 3")
+    return 3
+
+with runs.rolled_back_when_stopped(roll_back, out / "checkpoint.pt"):
+    (out / "training").touch()
+    time.sleep(60)
+"""
+
+
+def test_a_process_whose_parent_dies_saves_before_it_goes(tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN.format(root=str(REPO_ROOT)))
+    subprocess.run([sys.executable, str(script), "parent", str(tmp_path)], timeout=60, check=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "saved").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "saved").read_text() == "epoch 3"
+
+
+def test_ipykernels_parent_check_is_held_while_saving():
+    held = runs._ParentPidHeld(12345)
+    assert not (os.getppid() != held) and not (1 != held) and held  # the poller's two tests never fire
+    assert int(held) == 12345 and (os.getppid() != int(held))
+
+
 def test_interrupts_during_the_block_are_held_until_it_is_done():
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     said, steps = [], []
@@ -688,6 +823,7 @@ import torch
 from gan import runs
 run_path = Path(run_dir)
 run_lock = runs.claim_run_dir(run_path)
+runs.write_json(run_path / "config.json", {"notebook": "Vanilla_GAN.ipynb"})  # what marks a run of this project
 checkpoint_path = run_path / "checkpoint.pt"
 w = torch.zeros(256, 1024)  # 1 MB: a save takes a moment
 history, epochs_done = [], 0

@@ -223,3 +223,119 @@ def test_auto_precision_is_an_allowed_value_and_a_typo_is_refused():
         settings.validate_parameters({"matmul_precision": "bf16"})
     with pytest.raises(errors.ParameterError, match="cuda_graphs"):
         settings.validate_parameters({"cuda_graphs": "yes"})
+
+
+# ------------------------------------------------------------------------------------------------
+# -p values typed by the rules; a resume keeps the run's own settings; sizes the memory can hold
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, text, value", [
+    ("run_dir", "2024_12_01", "2024_12_01"),  # int() would read 20241201
+    ("run_dir", "007", "007"),
+    ("resume", "123", "123"),
+    ("data_dir", "1e3", "1e3"),
+    ("epochs", "5", 5),
+    ("lr_g", "1e-4", 1e-4),
+    ("g_batchnorm", "False", False),
+    ("d_hidden", "[512, 256]", [512, 256]),
+    ("d_hidden", "auto", "auto"),
+    ("overwrite", "1", 1),  # allowed neither way: left for validate_parameters to name
+])
+def test_command_line_values_are_typed_by_their_rule(name, text, value):
+    typed = settings.typed_parameter(name, text)
+    assert typed == value and type(typed) is type(value)
+
+
+def test_a_folder_named_like_a_number_stays_a_path_for_dcgan():
+    assert settings.typed_parameter("dataset", "2024", settings.DCGAN_PARAMETER_RULES) == "2024"
+    assert settings.typed_parameter("image_size", "64", settings.DCGAN_PARAMETER_RULES) == 64
+    assert settings.rules_for("some/dir/DCGAN.ipynb") is settings.DCGAN_PARAMETER_RULES
+    assert settings.rules_for("Vanilla_GAN.ipynb") is settings.PARAMETER_RULES
+
+
+RESUME = __file__  # any existing file: validate_parameters checks that `resume` names one
+
+
+def resumed_with(namespace_changes: dict, checkpoint_changes: dict, injected: str = "",
+                 rules=settings.PARAMETER_RULES):
+    """settings.resumed for the notebook's defaults with `namespace_changes` (as the parameters cell or a
+    `-p` left them), a checkpoint made with `checkpoint_changes`, and papermill's injected cell `injected`."""
+    defaults = settings.notebook_defaults(rules)
+    config = {**defaults, **namespace_changes}
+    namespace = {**config, "In": [injected] if injected else []}
+    checkpoint_config = {**defaults, **checkpoint_changes}
+    if rules is settings.PARAMETER_RULES:
+        checkpoint_config["d_hidden"] = [768, 384, 192]  # checkpoints hold the widths "auto" resolved to
+    return settings.resumed(config, checkpoint_config, namespace, rules)
+
+
+def test_a_resume_continues_with_the_runs_own_settings():
+    config, note = resumed_with({"resume": RESUME}, {"lr_g": 1e-4, "train_subset": 512, "epochs": 3},
+                                injected=f"# Parameters\nresume = {RESUME!r}\n")
+    assert (config["lr_g"], config["train_subset"], config["epochs"]) == (1e-4, 512, 3)
+    assert config["d_hidden"] == "auto"  # resolved to the checkpoint's widths by resolve_d_hidden
+    assert note == "with the run's own settings"
+
+
+def test_only_the_settings_passed_for_the_resume_replace_the_runs_own():
+    config, note = resumed_with({"resume": RESUME, "epochs": 8, "device": "cpu"},
+                                {"lr_g": 1e-4, "epochs": 3, "device": "auto"},
+                                injected=f"# Parameters\nresume = {RESUME!r}\nepochs = 8\ndevice = 'cpu'\n")
+    assert (config["lr_g"], config["epochs"], config["device"]) == (1e-4, 8, "cpu")
+    assert note == "with the run's own settings, except those set for this run: epochs 3 -> 8"  # not the device
+
+
+def test_in_jupyter_a_value_edited_in_the_parameters_cell_counts_as_set():
+    config, note = resumed_with({"resume": RESUME, "lr_d": 2e-4}, {"lr_g": 1e-4, "lr_d": 6e-4})
+    assert (config["lr_g"], config["lr_d"]) == (1e-4, 2e-4)
+    assert "lr_d 0.0006 -> 0.0002" in note
+
+
+def test_where_and_how_a_run_computes_is_always_as_set_now(tmp_path):
+    config, _ = resumed_with({"resume": RESUME}, {"data_dir": "/elsewhere", "matmul_precision": "medium",
+                                                             "run_dir": "old", "overwrite": True})
+    defaults = settings.notebook_defaults()
+    assert all(config[k] == defaults[k] for k in ("data_dir", "matmul_precision", "run_dir", "overwrite"))
+
+
+def test_a_dcgan_resume_keeps_its_dataset():
+    config, _ = resumed_with({"resume": RESUME}, {"dataset": "my_faces", "image_size": 64},
+                             rules=settings.DCGAN_PARAMETER_RULES)
+    assert (config["dataset"], config["image_size"]) == ("my_faces", 64)
+
+
+def test_a_resume_from_the_other_notebooks_checkpoint_is_named_as_such():
+    with pytest.raises(errors.CheckpointError, match="checkpoint of Vanilla_GAN.ipynb, not of DCGAN.ipynb"):
+        dcgan = settings.DCGAN_PARAMETER_RULES
+        settings.resumed(settings.notebook_defaults(dcgan), settings.notebook_defaults(), {}, dcgan)
+
+
+@pytest.mark.parametrize("name, value, says", [
+    ("eval_samples", 10 ** 9, "eval_samples = 1,000,000,000 needs about"),
+    ("metrics_samples", 10 ** 8, "metrics_samples = 100,000,000 needs about"),
+    ("g_hidden", [256, 10 ** 9], "make networks of"),
+    ("latent_dim", 10 ** 9, "make networks of"),
+])
+def test_sizes_beyond_the_machines_memory_are_refused_before_any_work(defaults, name, value, says):
+    with pytest.raises(errors.ParameterError) as info:
+        settings.validate_memory({**defaults, name: value}, memory=16 * 2 ** 30)
+    assert says in str(info.value) and "16.0 GiB" in str(info.value)
+
+
+def test_the_memory_bound_says_the_largest_count_that_fits(defaults):
+    memory = 2 ** 30  # 1 GiB: half of it holds 512 MiB / (784 pixels * 12 bytes) samples
+    most = int(memory * settings.MEMORY_SHARE // (784 * settings.BYTES_PER_SAMPLE_PIXEL))
+    settings.validate_memory({**defaults, "eval_samples": most}, memory=memory)
+    with pytest.raises(errors.ParameterError, match=f"use at most {most:,}"):
+        settings.validate_memory({**defaults, "eval_samples": most + 1}, memory=memory)
+
+
+def test_defaults_of_both_notebooks_fit_a_small_laptop(defaults):
+    settings.validate_memory(defaults, memory=4 * 2 ** 30)
+    dcgan = settings.notebook_defaults(settings.DCGAN_PARAMETER_RULES)
+    settings.validate_memory({**dcgan, "image_size": 64}, settings.DCGAN_PARAMETER_RULES, memory=4 * 2 ** 30)
+
+
+def test_checked_refuses_a_size_too_large_for_the_memory(defaults):
+    with pytest.raises(errors.ParameterError, match="too large for this machine's memory"):
+        settings.checked({**defaults, "eval_samples": 10 ** 12})
