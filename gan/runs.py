@@ -59,7 +59,7 @@ except ImportError:  # pragma: no cover - Windows
 # Writing files safely: atomic replacement, a full disk, leftovers of killed writers
 # --------------------------------------------------------------------------------------------
 
-def _ordinary_file_mode() -> int:
+def ordinary_file_mode() -> int:
     """The mode open() would give a new file (0o666 less the umask): mkstemp's files are 0o600."""
     umask = os.umask(0)
     os.umask(umask)
@@ -127,7 +127,7 @@ def new_file_replacing(path: Path, suffix: str):
             yield f, Path(tmp)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _ordinary_file_mode())  # mkstemp makes 0o600; readable by others like any new file
+        os.chmod(tmp, ordinary_file_mode())  # mkstemp makes 0o600; readable by others like any new file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -419,7 +419,8 @@ def _acquire_lock(path: Path) -> RunDirLock:
     """Lock `path` for this process or raise ParameterError naming the PID that holds it."""
     try:
         # O_NOFOLLOW: a link planted as .lock would otherwise have the PID written into its target.
-        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), _ordinary_file_mode())
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+                     ordinary_file_mode())
     except OSError as exc:
         raise ParameterError(f"run_dir = {str(path)!r} is not writable ({exc.strerror}): use a "
                              "directory you can write to, or '' for runs/<date-time>/") from None
@@ -604,12 +605,14 @@ def resume_command(checkpoint: str | os.PathLike, notebook: str | None = None) -
     return f"{_make_run_in(checkpoint.parent, notebook)} {_params({'resume': checkpoint})}"
 
 
-def resume_message(checkpoint: Path, epoch: int) -> str:
+def resume_message(checkpoint: Path, epoch: int, notebook: str | None = None) -> str:
+    """What a stop says: the epoch saved and how to continue, in Jupyter and headless (`notebook`:
+    the one whose run it is, by default read from the run's config.json)."""
     checkpoint = Path(checkpoint)
     return (
         f"Saved {checkpoint} after epoch {epoch}. To continue: in Jupyter, run the training cell "
         f"again (or set resume = {str(checkpoint)!r} after a restart); headless, "
-        f"`{resume_command(checkpoint)}` (papermill: `-p resume {shlex.quote(str(checkpoint))}`); "
+        f"`{resume_command(checkpoint, notebook)}` (papermill: `-p resume {shlex.quote(str(checkpoint))}`); "
         f"the run continues in {checkpoint.parent}."
     )
 

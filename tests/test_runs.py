@@ -713,13 +713,6 @@ def test_makefile_passes_run_dir_and_params_with_spaces(tmp_path):
         assert json.loads(out.stdout.strip().splitlines()[-1]) == expected, out.stderr
 
 
-def test_runner_types_values_as_papermill_and_reads_lists():
-    import run_notebook
-    assert [run_notebook.typed(v) for v in ("3", "1e-3", "True", "None", "runs/x")] == [3, 1e-3, True, None, "runs/x"]
-    assert run_notebook.typed("[512, 256]") == [512, 256]  # -p d_hidden '[512, 256]'
-    assert run_notebook.typed("[512, 256") == "[512, 256"  # left as text: the notebook's check names it
-
-
 def test_runner_stopped_before_the_notebook_starts_says_there_is_nothing_to_resume(tmp_path, monkeypatch, capfd):
     # A SIGTERM while the runner checks the run directory (before any kernel): the same report as a
     # stop later on, in-process so that the signal lands exactly there.

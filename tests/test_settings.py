@@ -239,6 +239,7 @@ def test_auto_precision_is_an_allowed_value_and_a_typo_is_refused():
     ("g_batchnorm", "False", False),
     ("d_hidden", "[512, 256]", [512, 256]),
     ("d_hidden", "auto", "auto"),
+    ("d_hidden", "[512, 256", "[512, 256"),  # left as text: validate_parameters names it
     ("overwrite", "1", 1),  # allowed neither way: left for validate_parameters to name
 ])
 def test_command_line_values_are_typed_by_their_rule(name, text, value):
