@@ -475,7 +475,8 @@ def _misfit(blob: dict, record: dict, image_size: int) -> str | None:
         return f"it holds images {got} where the folder needs torch.uint8 {want}"
     if blob.get("files") != record["files"]:
         return "its file names are not the folder's"
-    if not (isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.tolist() == record["labels"]):
+    if not (isinstance(labels, torch.Tensor) and labels.dtype == torch.int64
+            and labels.tolist() == record["labels"]):
         return "its labels are not the folder's"
     if list(blob.get("class_names") or []) != record["class_names"]:
         return "its class names are not the folder's"
@@ -574,7 +575,8 @@ def load_image_folder(folder: str | os.PathLike, image_size: int, cache_dir: str
     docstring, "Formats"); other files, hidden files and the cache are ignored. Any size and mode:
     converted to RGB with transparency composited on white, centre-cropped to a square, resized
     with LANCZOS (see `decode_image`). Files are taken in sorted order, so the result is the same
-    on every machine. Cached (module docstring); `use_cache=False` neither reads nor writes a cache. A tqdm bar shows the decoding unless `progress=False`.
+    on every machine. Cached (module docstring); `use_cache=False` neither reads nor writes a cache.
+    A tqdm bar shows the decoding unless `progress=False`.
 
     Raises ParameterError for an image_size below 8, and DataError (before anything is written)
     when the folder is missing, unreadable, empty, holds no image of a known type, holds images both
@@ -667,21 +669,13 @@ class _CifarUnpickler(pickle.Unpickler):
         return allowed()
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_md5(path: Path) -> None:
     """DataError unless `path` has the published md5 of its name (CIFAR10_MD5): checked before the file
     is unpickled, as unpickling runs whatever a pickle asks for (the restricted unpickler is the
     second line of defence)."""
     expected = CIFAR10_MD5.get(path.name)
     try:
-        actual = _md5(path)
+        actual = mnist_data.md5_of_file(path)
     except OSError as exc:
         raise DataError(f"cannot read {path} ({exc.strerror or exc}): make it readable, or delete "
                         f"{path.parent} so CIFAR-10 is downloaded again.") from None

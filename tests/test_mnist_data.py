@@ -275,7 +275,7 @@ def test_missing_file_is_downloaded_verified_and_renamed(make_mnist_copy, local_
     raw = root / "MNIST" / "raw"
     monkeypatch.setattr(mnist_data, "MNIST_MIRRORS", (url,))
     replaced, hashed = [], []
-    real_replace, real_md5 = os.replace, mnist_data._md5
+    real_replace, real_md5 = os.replace, mnist_data.md5_of_file
 
     def spy_replace(src, dst):
         replaced.append((Path(src), Path(dst)))
@@ -286,7 +286,7 @@ def test_missing_file_is_downloaded_verified_and_renamed(make_mnist_copy, local_
         return real_md5(path)
 
     monkeypatch.setattr(gu.os, "replace", spy_replace)
-    monkeypatch.setattr(mnist_data, "_md5", spy_md5)
+    monkeypatch.setattr(mnist_data, "md5_of_file", spy_md5)
     assert mnist_data.ensure_mnist(root, download=True) == raw
     target = raw / (TEST_LABELS + ".gz")
     assert target.is_file()
