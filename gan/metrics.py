@@ -155,16 +155,22 @@ def parzen_evaluation(samples: torch.Tensor, val_x: torch.Tensor, test_x: torch.
 # --------------------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def classifier_outputs(classifier, images: torch.Tensor,
-                       batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+def classifier_outputs(classifier, images: torch.Tensor, batch_size: int = 1000,
+                       progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Penultimate features (N, 128) and class probabilities p(y|x) (N, 10), float32 on the CPU.
 
-    `classifier` is a mnist_classifier.MnistClassifier (anything with `features_and_logits`)."""
+    `classifier` is a mnist_classifier.MnistClassifier (anything with `features_and_logits`).
+    `progress`: the label of a progress bar over the batches (for a pass that takes a minute on a
+    CPU), which goes away when done."""
     device = next(classifier.parameters()).device
     was_training = classifier.training
     classifier.eval()
     feats, probs = [], []
-    for start in range(0, len(images), batch_size):
+    starts = range(0, len(images), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc=progress, unit="batch", leave=False)
+    for start in starts:
         # One pass through the network gives both outputs.
         f, logits = classifier.features_and_logits(flat(images[start:start + batch_size]).to(device))
         feats.append(f.float().cpu())
@@ -306,9 +312,10 @@ class ReferenceStats:
     cov_sqrt: torch.Tensor  # (128, 128) float64, for frechet_distance
 
 
-def reference_stats(classifier, test_x: torch.Tensor) -> ReferenceStats:
-    """Classifier features, their mean, covariance and its square root for the test images."""
-    features, probs = classifier_outputs(classifier, test_x)
+def reference_stats(classifier, test_x: torch.Tensor, progress: str | None = None) -> ReferenceStats:
+    """Classifier features, their mean, covariance and its square root for the test images
+    (`progress`: a bar's label, see classifier_outputs)."""
+    features, probs = classifier_outputs(classifier, test_x, progress=progress)
     mu, cov = feature_stats(features)
     return ReferenceStats(features, probs, mu, cov, psd_sqrt(cov))
 

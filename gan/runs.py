@@ -192,7 +192,8 @@ def read_metrics_csv(path: str | os.PathLike) -> list[dict]:
 # holds a run. The executed notebook (papermill writes it there before the run starts) and the
 # lock file are not among them.
 RUN_OUTPUTS = ("checkpoint.pt", "config.json", "metrics.csv", "metrics.json", "generator.pt2",
-               "progress.gif", "losses.png", "quality.png", "real_vs_generated.png", "interpolation.png")
+               "progress.gif", "losses.png", "quality.png", "real_vs_generated.png", "interpolation.png",
+               "latent_directions.png")
 
 
 LOCK_FILE = ".lock"
@@ -932,10 +933,15 @@ def rolled_back_when_stopped(roll_back_to_last_good: Callable[[], int], checkpoi
     with sigterm_as_interrupt(), interrupted_when_orphaned():
         try:
             yield
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             with interrupts_deferred(reraise=False):
                 epoch = roll_back_to_last_good()
                 print("Interrupted: the unfinished epoch was rolled back. " + resume_message(checkpoint_path, epoch))
+            # Re-raised so that Run All stops here and papermill reports the stop, but shown in Jupyter
+            # as one line: IPython prints what _render_traceback_ returns instead of the traceback,
+            # which would end deep in torch and read as a crash after a clean save.
+            stop._render_traceback_ = lambda: [f"KeyboardInterrupt: training stopped; epoch {epoch} is saved "
+                                               "(how to continue: above)"]
             raise
         except Exception as error:
             with interrupts_deferred(reraise=False):
@@ -966,6 +972,10 @@ def export_generator(generator: torch.nn.Module, latent_dim: int, path: str | os
     # the layout other tools expect.
     shape = (torch.nn.Flatten(), torch.nn.Unflatten(1, tuple(image_shape)))
     model = torch.nn.Sequential(copy.deepcopy(generator), *shape).cpu().eval()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        # Plain contiguous weights (DCGAN's convolutions train channels_last on a CPU): torch.export.save
+        # warns "No complete tensor found in the group!" for each weight stored in another layout.
+        tensor.data = tensor.data.contiguous()
     example = torch.randn(4, latent_dim)
     batch = torch.export.Dim("batch", min=1)  # an upper bound would be a guard that fails above it
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))

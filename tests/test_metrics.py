@@ -164,6 +164,15 @@ def test_precision_recall_real_vs_real_high_and_noise_near_zero(classifier, spli
     assert precision < 0.1 and recall < 0.01
 
 
+def test_classifier_outputs_with_a_progress_bar_are_the_same_and_the_bar_goes_away(classifier, splits, capsys):
+    images = splits.val_x[:2500]
+    plain = gm.classifier_outputs(classifier, images)
+    shown = gm.classifier_outputs(classifier, images, progress="classifying")
+    assert all(torch.equal(a, b) for a, b in zip(plain, shown))
+    err = capsys.readouterr().err  # tqdm's text bar outside Jupyter (a widget there)
+    assert "classifying" in err and "3/3" in err and err.endswith("\r")  # leave=False: wiped at the end
+
+
 def test_knn_radii_on_a_line():
     points = torch.tensor([[0.0], [1.0], [3.0], [6.0], [10.0]])
     assert gm.knn_radii(points, k=1).tolist() == [1.0, 1.0, 2.0, 3.0, 4.0]

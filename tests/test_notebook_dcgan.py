@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,31 +16,8 @@ from gan import runs
 from conftest import REPO_ROOT, execute_cached, metrics_rows, names_used_before_defined
 
 DCGAN = REPO_ROOT / "DCGAN.ipynb"
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # 8 steps an epoch on 256 images in batches of 32; 100 reference images: seconds per run on 2 cores.
 TINY = dict(batch_size=32, epochs=2, metrics_samples=128, eval_samples=200, log_every=4, device="cpu", seed=0)
-
-
-def cifar_root(data_dir: Path) -> Path:
-    root = data_dir / "cifar10"
-    if not (root / "train").is_dir() or not (root / "test").is_dir():
-        pytest.skip(f"{root}/train and /test are missing: the DCGAN tests read CIFAR-10 as folders of "
-                    "images (<GAN_DATA_DIR>/cifar10/{train,test}/<class>/*.jpg, as CI has them)")
-    return root
-
-
-@pytest.fixture(scope="session")
-def tiny_cifar(data_dir, tmp_path_factory) -> Path:
-    """cifar10/train/ (256 images) and cifar10/test/ (100), from every class of the shared folder."""
-    root, out = cifar_root(data_dir), tmp_path_factory.mktemp("cifar") / "cifar10"
-    for split, per_class in (("train", 26), ("test", 10)):
-        for name in CLASSES:
-            (out / split / name).mkdir(parents=True)
-            for f in sorted((root / split / name).iterdir())[:per_class]:
-                shutil.copyfile(f, out / split / name / f.name)
-    for f in sorted((out / "train").rglob("*.jpg"))[256:]:
-        f.unlink()
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +42,7 @@ def run(dcgan_runs):
 
 def test_the_run_directory_holds_what_the_contract_names(run):
     for name in ("config.json", "metrics.csv", "progress.gif", "checkpoint.pt", "metrics.json", "generator.pt2",
-                 "losses.png", "quality.png", "real_vs_generated.png", "interpolation.png"):
+                 "losses.png", "quality.png", "real_vs_generated.png", "interpolation.png", "latent_directions.png"):
         assert (run.run_dir / name).is_file(), name
     assert sorted(p.name for p in (run.run_dir / "grids").iterdir()) == ["epoch_001.png", "epoch_002.png"]
     config = json.loads((run.run_dir / "config.json").read_text())

@@ -253,6 +253,9 @@ def test_interrupt_saves_and_says_how_to_resume(reference, data_dir, tmp_path):
     assert "Interrupted" in text and "resume" in text
     ck, problems = check_checkpoint(run_dir / "checkpoint.pt", ref_rows)
     assert not problems
+    error = next(o for o in cell.outputs if o.output_type == "error")
+    assert error.traceback == [f"KeyboardInterrupt: training stopped; epoch {ck['epoch']} is saved "
+                               "(how to continue: above)"], "a traceback after the save message reads as a crash"
     assert 1 <= ck["epoch"] < 200
     assert str(run_dir / "checkpoint.pt") in text and f"after epoch {ck['epoch']}" in text
     assert not list(run_dir.glob("*.tmp")), "an interrupt left a temporary file"

@@ -106,7 +106,7 @@ def test_progress_gif_one_frame_per_epoch(run):
 
 
 def test_other_pictures(run):
-    for name in ("losses.png", "quality.png", "interpolation.png", "real_vs_generated.png"):
+    for name in ("losses.png", "quality.png", "interpolation.png", "real_vs_generated.png", "latent_directions.png"):
         with Image.open(run.run_dir / name) as img:
             assert img.format == "PNG" and img.size[0] > 100, name
 
@@ -201,6 +201,19 @@ def test_resume_equals_straight_run(run, notebook_runs, tmp_path, data_dir):
     assert runs.load_checkpoint(resumed_dir / "checkpoint.pt")["epoch"] == 4
     with Image.open(resumed_dir / "progress.gif") as gif:
         assert gif.n_frames == 4
+
+
+def test_a_finished_run_resumed_says_there_is_nothing_to_train_with_no_empty_bar(run, tmp_path, data_dir):
+    finished = tmp_path / "finished"
+    shutil.copytree(run.run_dir, finished)
+    again = execute_cached(tmp_path / "nb", data_dir, resume=str(finished / "checkpoint.pt"), run_dir="",
+                           eval_samples=0)
+    again.check()
+    cell = training_cell(again.nb)
+    assert "nothing to train: epochs (2) <= epochs done (2)" in cell_text(cell)
+    assert not [o for o in cell.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})], \
+        "an empty 0/0 progress bar under 'nothing to train'"
+    assert "eval_samples = 0: no samples to set beside the training set" in notebook_text(again.nb)
 
 
 def test_auto_d_widths_follow_the_hardware_and_a_resume_keeps_its_own_widths_and_settings(run, tmp_path, data_dir):

@@ -713,6 +713,19 @@ def test_makefile_passes_run_dir_and_params_with_spaces(tmp_path):
         assert json.loads(out.stdout.strip().splitlines()[-1]) == expected, out.stderr
 
 
+def test_make_jupyter_opens_the_notebook_and_allows_root_only_as_root(tmp_path):
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / ".installed").touch()  # newer than requirements.txt: nothing is installed
+    out = subprocess.run(["make", "-n", "-s", "-C", str(REPO_ROOT), "jupyter", f"VENV={venv}"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    command = out.stdout.strip().splitlines()[-1].split()
+    assert command[:3] == [f"{venv}/bin/jupyter", "lab", "Vanilla_GAN.ipynb"]
+    # JupyterLab refuses to start as root (Docker, many cloud machines) unless told it may.
+    assert ("--allow-root" in command) == (os.getuid() == 0)
+
+
 def test_runner_stopped_before_the_notebook_starts_says_there_is_nothing_to_resume(tmp_path, monkeypatch, capfd):
     # A SIGTERM while the runner checks the run directory (before any kernel): the same report as a
     # stop later on, in-process so that the signal lands exactly there.
@@ -1274,6 +1287,21 @@ def test_export_generator(tmp_path, batchnorm):
         with torch.no_grad():
             assert torch.allclose(out.reshape(n, 784), G.eval()(z), atol=1e-5)
         G.train()
+
+
+def test_a_channels_last_generator_exports_without_warnings_and_stays_as_it_was(tmp_path):
+    """DCGAN's convolutions train channels_last on a CPU; torch.export.save warns for each weight in
+    that layout ("No complete tensor found in the group!", a stderr box in Jupyter)."""
+    import warnings
+    from gan import dcgan
+    G = dcgan.Generator(16, 8, 32).to(memory_format=torch.channels_last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exported = torch.export.load(str(runs.export_generator(G, 16, tmp_path / "g.pt2", (3, 32, 32)))).module()
+    z = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.allclose(exported(z), G.eval()(z), atol=1e-5)
+    assert not next(p for p in G.parameters() if p.dim() == 4).is_contiguous()  # the model keeps its layout
 
 
 def test_metrics_csv_round_trip(tmp_path):
