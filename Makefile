@@ -20,6 +20,7 @@ PARAMS ?=
 .PHONY: run run-dcgan test export jupyter clean-venv
 
 $(VENV)/.installed: requirements.txt
+	@echo "Installing requirements.txt into $(VENV)/ (PyTorch, JupyterLab, papermill, pytest; about 3 minutes, once)"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
 	touch $@
@@ -45,9 +46,7 @@ export: $(VENV)/.installed
 # Jupyter refuses to start as root unless told: in a container, root is the only user there is.
 JUPYTER_ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-# Jupyter itself is installed on first use only (CI and headless runs do not need it).
 jupyter: $(VENV)/.installed
-	$(VENV)/bin/python -c "import jupyterlab" 2>/dev/null || $(VENV)/bin/python -m pip install --quiet jupyterlab
 	$(VENV)/bin/jupyter lab Vanilla_GAN.ipynb $(JUPYTER_ROOT_FLAG)
 
 clean-venv:

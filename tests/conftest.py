@@ -268,3 +268,29 @@ def names_used_before_defined(notebook: Path) -> list[tuple[int, str, int]]:
         for name in defined:
             first.setdefault(name, number)
     return sorted((number, name, first[name]) for number, used in uses for name in used if first.get(name, 0) > number)
+
+
+# CIFAR-10 as folders of JPEGs (<GAN_DATA_DIR>/cifar10/{train,test}/<class>/), for DCGAN.ipynb's tests.
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def cifar_root(data_dir: Path) -> Path:
+    root = data_dir / "cifar10"
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        pytest.skip(f"{root}/train and /test are missing: the DCGAN tests read CIFAR-10 as folders of "
+                    "images (<GAN_DATA_DIR>/cifar10/{train,test}/<class>/*.jpg, as CI has them)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(data_dir, tmp_path_factory) -> Path:
+    """cifar10/train/ (256 images) and cifar10/test/ (100), from every class of the shared folder."""
+    root, out = cifar_root(data_dir), tmp_path_factory.mktemp("cifar") / "cifar10"
+    for split, per_class in (("train", 26), ("test", 10)):
+        for name in CLASSES:
+            (out / split / name).mkdir(parents=True)
+            for f in sorted((root / split / name).iterdir())[:per_class]:
+                shutil.copyfile(f, out / split / name / f.name)
+    for f in sorted((out / "train").rglob("*.jpg"))[256:]:
+        f.unlink()
+    return out
