@@ -12,6 +12,7 @@ import pickle
 import subprocess
 import random
 import shutil
+import tempfile
 import time
 import urllib.error
 from pathlib import Path
@@ -282,18 +283,50 @@ def check_unreadable_folder_message(folder: Path, blocked: Path) -> None:
     assert f"cannot list the folder {blocked}" in msg and "chmod -R u+rX" in msg and "`dataset`" in msg
 
 
+NOBODY = 65534  # root reads a chmod 000 folder all the same: as root, the check runs as this user
+
+
+def run_as_nobody(check) -> str:
+    """`check()` in a forked child that has become user nobody; '' if it passed, else its error. (A
+    fork, not a new interpreter: this Python may live where nobody cannot read, e.g. under /root.)"""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery past this point, only os._exit
+        os.close(read_end)
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            check()
+            status, report = 0, b""
+        except BaseException as exc:  # noqa: BLE001 -- anything is reported to the parent
+            status, report = 1, f"{type(exc).__name__}: {exc}".encode()
+        os.write(write_end, report)
+        os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        report = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    return "" if os.waitstatus_to_exitcode(status) == 0 else report or f"exit status {status}"
+
+
 def test_unreadable_class_folder_names_it(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root reads a chmod 000 folder all the same; "
-                    "test_unreadable_folder_names_it_even_as_root covers the code path")
-    folder = tmp_path / "pets"
+    root = os.geteuid() == 0
+    # As root the folder goes where nobody may reach it (tmp_path's parents are root's, mode 700).
+    base = Path(tempfile.mkdtemp(prefix="unreadable-")) if root else tmp_path
+    folder = base / "pets"
     for cls in ("cat", "dog"):
         save(folder / cls / "0.png", rgb(8, 8))
     (folder / "dog").chmod(0o000)
     try:
-        check_unreadable_folder_message(folder, folder / "dog")
+        if root:
+            base.chmod(0o755)
+            assert run_as_nobody(lambda: check_unreadable_folder_message(folder, folder / "dog")) == ""
+        else:
+            check_unreadable_folder_message(folder, folder / "dog")
     finally:
         (folder / "dog").chmod(0o755)
+        if root:
+            shutil.rmtree(base)
 
 
 @pytest.mark.parametrize("which", ["class folder", "dataset folder"])
