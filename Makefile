@@ -1,6 +1,7 @@
 # Two entry points, each doing its own set-up on a fresh machine:
 #   make run    trains with the default hyperparameters, headless, into runs/<date-time>/
 #   make run-dcgan  the same for DCGAN.ipynb (colour images; CIFAR-10 by default)
+#   make runs   runs a set of runs (SEEDS=5, GRID="lr_g=4e-4,8e-4", OUT=runs/<name>) through Dask
 #   make test   runs the test suite
 #   make export  writes the notebooks' marked cells to gan/vanilla_gan.py and gan/dcgan.py
 #   make jupyter opens the notebook in JupyterLab
@@ -17,7 +18,7 @@ export RUN_DIR
 # Passed to the shell as written, so a value with spaces carries its own quotes: PARAMS="-p resume 'runs/my run/checkpoint.pt'"
 PARAMS ?=
 
-.PHONY: run run-dcgan test export jupyter clean-venv
+.PHONY: run run-dcgan runs test export jupyter clean-venv
 
 $(VENV)/.installed: requirements.txt
 	@echo "Installing requirements.txt into $(VENV)/ (PyTorch, JupyterLab, papermill, pytest; about 3 minutes, once)"
@@ -31,13 +32,24 @@ $(VENV)/.installed: requirements.txt
 run: $(VENV)/.installed
 	exec $(VENV)/bin/python scripts/run_notebook.py $(NOTEBOOK) $${RUN_DIR:+-p run_dir "$$RUN_DIR"} $(PARAMS)
 
+# Many runs of $(NOTEBOOK): SEEDS seeds (a count, a list 0,3,7 or a range 10-14) of each GRID setting
+# (NAME=V1,V2; several separated by spaces), PARAMS for all, into OUT; SCHEDULER=tcp://host:8786 sends
+# them to a Dask cluster instead of this machine. The same command again skips finished runs and resumes stopped ones.
+SEEDS ?= 5
+GRID ?=
+OUT ?=
+SCHEDULER ?=
+runs: $(VENV)/.installed
+	exec $(VENV)/bin/python scripts/run_many.py $(NOTEBOOK) --seeds $(SEEDS) $(foreach g,$(GRID),--grid $(g)) \
+		$(if $(OUT),--out "$(OUT)") $(if $(SCHEDULER),--scheduler $(SCHEDULER)) $(PARAMS)
+
 # DCGAN.ipynb with its defaults on CIFAR-10 (from GAN_DATA_DIR, else downloaded into data/); point it
 # at a folder of images with PARAMS="-p dataset /path/to/folder".
 run-dcgan:
 	$(MAKE) run NOTEBOOK=DCGAN.ipynb
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q -rs tests  # -rs: any skipped test is listed with its reason
+	$(VENV)/bin/python -m pytest -q -rs --durations=15 tests  # -rs: any skipped test listed with its reason; the 15 slowest
 
 # After editing a cell marked `# exported to gan/...`: the scripts and DCGAN.ipynb import the module.
 export: $(VENV)/.installed

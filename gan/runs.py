@@ -301,7 +301,7 @@ def _refuse_older_checkpoint(path: Path, resume: str) -> None:
     latest = path / "checkpoint.pt"
     if not latest.is_file() or os.path.samefile(Path(resume).expanduser(), latest):
         return
-    older, newer = _saved_epoch(Path(resume).expanduser()), _saved_epoch(latest)
+    older, newer = saved_epoch(Path(resume).expanduser()), saved_epoch(latest)
     if older is None or newer is None or older >= newer:
         return
     branch = path.parent / f"{path.name}-from-epoch-{older}"
@@ -752,7 +752,7 @@ CHECKPOINT_FORMAT = "vanilla-gan-checkpoint/1"
 CHECKPOINT_KEYS = ("config", "epoch", "G", "D", "G_ema", "opt_G", "opt_D", "fixed_noise", "rng", "history")
 
 
-def _saved_epoch(path: Path) -> int | None:
+def saved_epoch(path: Path) -> int | None:
     """The epoch of the checkpoint at `path`, or None when there is none or it cannot be read."""
     try:
         return load_checkpoint(path, required_keys=("epoch",))["epoch"]
@@ -780,7 +780,7 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> Path:
 
 
 def _disk_full_message(path: Path, epoch) -> str:
-    kept = _saved_epoch(path)
+    kept = saved_epoch(path)
     state = (f"{path} was not changed and still holds epoch {kept}, the last good checkpoint"
              if kept is not None else f"no checkpoint was written to {path}")
     then = (f"then resume from it: `{resume_command(path)}` (in Jupyter: set resume = {str(path)!r})"
