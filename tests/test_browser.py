@@ -327,6 +327,19 @@ def assert_trained_in_place(seen: list[dict], epochs: int) -> None:
     assert len(grids) >= min(2, epochs), f"the grid was not replaced epoch after epoch ({len(grids)} pictures seen)"
 
 
+def assert_ran_all_cleanly(nb: Notebook, seen: list[dict], run_dir: Path, epochs: int, evaluation_code: str,
+                           row: str) -> int:
+    """After Restart & Run All: trained in place (the bar, one grid), no error or stderr box anywhere,
+    the results table in the evaluation cell, every epoch saved. Returns the evaluation cell's index."""
+    assert_trained_in_place(seen, epochs)
+    states = nb.all_states()
+    assert problems_on_page(states) == []
+    evaluation = nb.cell_index(evaluation_code)
+    assert states[evaluation]["tables"] == 1 and row in states[evaluation]["text"]
+    assert checkpoint_epoch(run_dir) == epochs
+    return evaluation
+
+
 def assert_explorer_responds(notebook: Notebook, name: str) -> None:
     """Click the first slider's track near its right end: the explorer's picture changes."""
     i = notebook.cell_index("explorer.explore(")
@@ -356,15 +369,19 @@ VANILLA_PARAMS = {**TINY_PARAMS, "epochs": 3}
 TRAINING_CELL = "with runs.rolled_back_when_stopped("
 
 
+def open_copy(lab: LabServer, browser, name: str, params: dict, run_dir: Path):
+    """A copy of the repository's notebook `name` with `params`, writing into `run_dir` (screenshots in
+    its browser/), open in a new page: (the page, the Notebook, the training cell's index)."""
+    notebook_copy(REPO_ROOT / name, lab.root / name, {**params, "run_dir": str(run_dir)})
+    (run_dir / "browser").mkdir(parents=True)
+    page = browser.new_page(viewport=VIEWPORT)
+    nb = Notebook(page, lab, name, run_dir / "browser")
+    return page, nb, nb.cell_index(TRAINING_CELL)
+
+
 def test_vanilla_gan_in_jupyterlab_runs_continues_and_stops_as_a_user_expects(lab, browser):
     run_dir = lab.root / "run_vanilla"
-    notebook_copy(REPO_ROOT / "Vanilla_GAN.ipynb", lab.root / "Vanilla_GAN.ipynb",
-                  {**VANILLA_PARAMS, "run_dir": str(run_dir)})
-    shots = run_dir / "browser"
-    shots.mkdir(parents=True)
-    page = browser.new_page(viewport=VIEWPORT)
-    nb = Notebook(page, lab, "Vanilla_GAN.ipynb", shots)
-    training = nb.cell_index(TRAINING_CELL)
+    page, nb, training = open_copy(lab, browser, "Vanilla_GAN.ipynb", VANILLA_PARAMS, run_dir)
 
     # Restart & Run All: the bar moves, one grid is replaced epoch after epoch, the table appears.
     nb.restart_and_run_all()
@@ -377,13 +394,9 @@ def test_vanilla_gan_in_jupyterlab_runs_continues_and_stops_as_a_user_expects(la
             shot = nb.screenshot(training, "training")
         time.sleep(0.2)
     seen += nb.wait_until_done(300, watch=training)
-    assert_trained_in_place(seen, VANILLA_PARAMS["epochs"])
-    states = nb.all_states()
-    assert problems_on_page(states) == []
-    evaluation = nb.cell_index("metrics.full_evaluation(")
-    assert states[evaluation]["tables"] == 1 and "GAN (this run)" in states[evaluation]["text"]
+    evaluation = assert_ran_all_cleanly(nb, seen, run_dir, VANILLA_PARAMS["epochs"], "metrics.full_evaluation(",
+                                        "GAN (this run)")
     nb.screenshot(evaluation, "results_table")
-    assert checkpoint_epoch(run_dir) == VANILLA_PARAMS["epochs"]
 
     assert_explorer_responds(nb, "latent_explorer")
 
@@ -429,21 +442,10 @@ DCGAN_PARAMS = {"batch_size": 32, "epochs": 3, "metrics_samples": 128, "eval_sam
 
 def test_dcgan_in_jupyterlab_runs_top_to_bottom_with_a_live_bar_one_grid_and_the_explorer(lab, browser, tiny_cifar):
     run_dir = lab.root / "run_dcgan"
-    notebook_copy(REPO_ROOT / "DCGAN.ipynb", lab.root / "DCGAN.ipynb",
-                  {**DCGAN_PARAMS, "dataset": str(tiny_cifar), "run_dir": str(run_dir)})
-    shots = run_dir / "browser"
-    shots.mkdir(parents=True)
-    page = browser.new_page(viewport=VIEWPORT)
-    nb = Notebook(page, lab, "DCGAN.ipynb", shots)
-    training = nb.cell_index(TRAINING_CELL)
+    page, nb, training = open_copy(lab, browser, "DCGAN.ipynb", {**DCGAN_PARAMS, "dataset": str(tiny_cifar)}, run_dir)
     nb.restart_and_run_all()
     seen = nb.wait_until_done(400, watch=training)
-    assert_trained_in_place(seen, DCGAN_PARAMS["epochs"])
-    states = nb.all_states()
-    assert problems_on_page(states) == []
-    evaluation = nb.cell_index("metrics.image_evaluation(")
-    assert states[evaluation]["tables"] == 1 and "DCGAN (this run)" in states[evaluation]["text"]
+    assert_ran_all_cleanly(nb, seen, run_dir, DCGAN_PARAMS["epochs"], "metrics.image_evaluation(", "DCGAN (this run)")
     nb.screenshot(training, "trained")
-    assert checkpoint_epoch(run_dir) == DCGAN_PARAMS["epochs"]
     assert_explorer_responds(nb, "latent_explorer")
     page.close()

@@ -144,12 +144,19 @@ def test_a_link_planted_as_kernel_log_is_refused(tmp_path, capfd):
     assert target.read_text() == "not the run's\n" and sorted(os.listdir(run)) == ["kernel.log"]
 
 
-def test_a_refusal_by_the_notebook_over_earlier_files_leaves_them_byte_for_byte(tmp_path, capfd):
-    notebook = tiny_notebook(tmp_path / "refuses.ipynb", REFUSES)
+def notebook_over_an_earlier_run(tmp_path: Path, name: str, cells) -> tuple[Path, Path]:
+    """A tiny notebook `name` of `cells`, and a run directory holding an earlier run's executed copy
+    of it and kernel.log."""
+    notebook = tiny_notebook(tmp_path / name, cells)
     run = tmp_path / "run"
     run.mkdir()
-    (run / "refuses.ipynb").write_text('{"an earlier run": "its executed notebook"}')
+    (run / name).write_text('{"an earlier run": "its executed notebook"}')
     (run / run_notebook.KERNEL_LOG).write_text("the earlier run's kernel\n")
+    return notebook, run
+
+
+def test_a_refusal_by_the_notebook_over_earlier_files_leaves_them_byte_for_byte(tmp_path, capfd):
+    notebook, run = notebook_over_an_earlier_run(tmp_path, "refuses.ipynb", REFUSES)
     before = contents(run)
     assert call_main([notebook, "--cwd", REPO_ROOT, "--no-progress-bar", "-p", "run_dir", run]) == 1
     err = capfd.readouterr().err
@@ -229,11 +236,7 @@ def test_make_commands_name_a_notebook_outside_the_repository_by_its_absolute_pa
 # ------------------------------------------------------------------------------------------------
 
 def test_a_killed_kernel_leaves_no_half_written_file_and_its_record_is_kept(tmp_path, capfd):
-    notebook = tiny_notebook(tmp_path / "claims.ipynb", CLAIMS_AND_DIES)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "claims.ipynb").write_text('{"an earlier run": "its executed notebook"}')
-    (run / run_notebook.KERNEL_LOG).write_text("the earlier run's kernel\n")
+    notebook, run = notebook_over_an_earlier_run(tmp_path, "claims.ipynb", CLAIMS_AND_DIES)
     assert call_main([notebook, "--cwd", REPO_ROOT, "--no-progress-bar", "-p", "run_dir", run]) == 1
     err = capfd.readouterr().err
     assert "The run ended abnormally: DeadKernelError" in err, err
