@@ -240,7 +240,11 @@ def again_command(argv: list[str], out: Path) -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    from gan import runs
     from gan.errors import ParameterError
+    if Path(args.notebook).name not in runs.NOTEBOOKS or not (REPOSITORY / Path(args.notebook).name).is_file():
+        say(f"Not started: {args.notebook!r} is not one of this repository's notebooks ({', '.join(runs.NOTEBOOKS)})")
+        return 2
     try:
         planned, out = planned_runs(args)
     except ParameterError as exc:

@@ -129,3 +129,10 @@ def test_on_a_cluster_a_failed_run_is_reported_and_the_others_finish(tmp_path, d
     assert "train_subset=512, seed 0: finished" in err
     assert runs.saved_epoch(out / "train_subset-512" / "seed_0" / "checkpoint.pt") == TINY["epochs"]
     assert "| train_subset=10 | 0 |" in (out / "summary.md").read_text()  # the seeds' rows: nothing for it
+
+
+def test_a_wrong_notebook_or_setting_is_refused_before_any_run_starts(tmp_path, capfd):
+    assert run_many.main(["Vanila_GAN.ipynb", "--out", str(tmp_path / "a")]) == 2
+    assert "is not one of this repository's notebooks" in capfd.readouterr().err
+    assert run_many.main(many(tmp_path / "b", "2", {}, "--grid", "lr_gg=1e-4")) == 2
+    assert "Not started" in capfd.readouterr().err and not (tmp_path / "b").exists()
