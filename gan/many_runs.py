@@ -284,9 +284,11 @@ def plot_bands(planned: list[PlannedRun], path: Path) -> bool:
             hs = [h for h in hs if h]  # a run that failed before its first epoch has no curve
             if not hs:
                 continue
-            n = min(len(h) for h in hs)
-            values = np.array([[row.get(key, math.nan) for row in h[:n]] for h in hs])
-            mean, sd = np.nanmean(values, 0), (np.nanstd(values, 0, ddof=1) if len(hs) > 1 else np.zeros(n))
+            n = max(len(h) for h in hs)  # a stopped run's curve counts for the epochs it has
+            values = np.array([[row.get(key, math.nan) for row in h] + [math.nan] * (n - len(h)) for h in hs])
+            count = np.isfinite(values).sum(0)
+            mean = np.nanmean(values, 0)
+            sd = np.array([np.nanstd(col, ddof=1) if k > 1 else 0.0 for col, k in zip(values.T, count)])
             epochs = np.arange(1, n + 1)
             ax.plot(epochs, mean, label=f"{setting} (n={len(hs)})")
             ax.fill_between(epochs, mean - sd, mean + sd, alpha=0.25)
