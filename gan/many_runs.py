@@ -223,7 +223,7 @@ def _digits(column: str) -> int:
     return METRIC_DIGITS.get(column, 0 if column.startswith(("seconds_to_", "epoch_to_", "train_")) else 2)
 
 
-def markdown(summary: Summary, n_runs: dict[str, int]) -> str:
+def markdown(summary: Summary) -> str:
     """Per setting: mean ± sd over its seeds (n: the runs with a final evaluation, of how many; a
     number from fewer runs says so), then a row per seed."""
     header = ["setting", "n"] + summary.columns
@@ -232,7 +232,8 @@ def markdown(summary: Summary, n_runs: dict[str, int]) -> str:
         n = sum(1 for r in summary.rows if r["setting"] == setting and r["evaluated"])
         shown = [_shown(*cells[c], _digits(c)) + (f" (n={cells[c][2]})" if 0 < cells[c][2] != n else "")
                  for c in summary.columns]
-        lines.append("| " + " | ".join([setting, f"{n}/{n_runs[setting]}"] + shown) + " |")
+        planned = sum(1 for r in summary.rows if r["setting"] == setting)
+        lines.append("| " + " | ".join([setting, f"{n}/{planned}"] + shown) + " |")
     lines += ["", "| " + " | ".join(["setting", "seed"] + summary.columns) + " |",
               "|" + "|".join(["---"] * (len(summary.columns) + 2)) + "|"]
     for r in summary.rows:
@@ -241,7 +242,7 @@ def markdown(summary: Summary, n_runs: dict[str, int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(summary: Summary, out: Path, n_runs: dict[str, int]) -> dict[str, Path]:
+def write_summary(summary: Summary, out: Path) -> dict[str, Path]:
     """<out>/runs.csv (a row per run), <out>/summary.csv (mean, sd, n per setting and column) and
     <out>/summary.md (both tables), each written atomically."""
     paths = {"runs": out / "runs.csv", "summary": out / "summary.csv", "markdown": out / "summary.md"}
@@ -250,7 +251,7 @@ def write_summary(summary: Summary, out: Path, n_runs: dict[str, int]) -> dict[s
                     for r in summary.rows])
     per_setting = _csv([["setting", "column", "mean", "sd", "n"]] +
                        [[s, c, *cells[c]] for s, cells in summary.settings.items() for c in summary.columns])
-    for key, text in (("runs", per_run), ("summary", per_setting), ("markdown", markdown(summary, n_runs))):
+    for key, text in (("runs", per_run), ("summary", per_setting), ("markdown", markdown(summary))):
         runs.atomic_write_bytes(paths[key], text.encode())
     return paths
 

@@ -222,10 +222,7 @@ def report(planned, outcomes: dict, out: Path) -> None:
 def write_results(planned, out: Path) -> None:
     from gan import many_runs
     summary = many_runs.summarize(planned)
-    counts = {}
-    for r in planned:
-        counts[r.setting] = counts.get(r.setting, 0) + 1
-    paths = many_runs.write_summary(summary, out, counts)
+    paths = many_runs.write_summary(summary, out)
     drawn = many_runs.plot_bands(planned, out / "bands.png")
     say(f"results: {paths['markdown']}, {paths['summary']}, {paths['runs']}" + (f", {out / 'bands.png'}" if drawn else ""))
 

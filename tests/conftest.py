@@ -294,3 +294,11 @@ def tiny_cifar(data_dir, tmp_path_factory) -> Path:
     for f in sorted((out / "train").rglob("*.jpg"))[256:]:
         f.unlink()
     return out
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now (for a server a test starts)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

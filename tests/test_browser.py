@@ -21,7 +21,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TINY_PARAMS
+from conftest import REPO_ROOT, TINY_PARAMS, free_port
 
 CHROMIUM = Path(os.environ.get("GAN_CHROMIUM", "/usr/bin/chromium"))
 # What .ci/run found when it tried to install Chromium, if it could not.
@@ -56,11 +55,6 @@ pytestmark = pytest.mark.skipif(missing_browser() is not None, reason=str(missin
 # --------------------------------------------------------------------------------------------
 # A Jupyter server on copies of the notebooks, and the browser
 # --------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def notebook_copy(notebook: Path, out: Path, params: dict) -> None:

@@ -98,7 +98,7 @@ def test_the_summary_has_mean_sd_per_setting_and_a_row_per_seed(tmp_path):
     assert first["epoch_to_score_9"][0] == 1 and first["min_share"][0] == pytest.approx(0.1)
     assert summary.settings["lr_g=0.0004"]["score"][2] == 1  # n counts the runs that have the number
     assert "inception_fid" not in summary.columns  # a reason, not a number: left out of the numbers
-    paths = many_runs.write_summary(summary, tmp_path, {"lr_g=0.0002": 2, "lr_g=0.0004": 2})
+    paths = many_runs.write_summary(summary, tmp_path)
     text = paths["markdown"].read_text()
     assert "| lr_g=0.0002 | 2/2 | 239.0 ± 0.0 |" in text and "| lr_g=0.0004 | 1/2 | 239.0 |" in text
     assert "| 10 ± 0 (n=2) |" in text  # a number from another count of runs than the setting's n says so

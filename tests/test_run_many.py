@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 
 import run_many
 from gan import many_runs, runs
-from conftest import REPO_ROOT, TINY_PARAMS, metrics_rows
+from conftest import REPO_ROOT, TINY_PARAMS, metrics_rows, free_port
 
 # 8 steps an epoch on 512 images; the seed comes from --seeds.
 TINY = {k: v for k, v in TINY_PARAMS.items() if k != "seed"}
@@ -93,11 +92,6 @@ def test_ctrl_c_saves_every_run_and_the_same_command_resumes_the_set(tmp_path, d
     assert f"stopped ({saved} epochs): resuming" in again.stderr
     assert runs.saved_epoch(run_dir / "checkpoint.pt") == 5 and many_runs.epochs_done(run_dir) == 5
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
