@@ -3,8 +3,8 @@
 * The CPU: `cpu_has_amx`, and `cpu_description` (the model, AMX / AVX-512 / AVX2 only, any cap), which
   every run records in config.json so that its times name the machine.
 * `resolve_matmul_precision`: what `matmul_precision = "auto"` means here (bfloat16 matmuls where the
-  CPU has AMX or on a GPU, float32 on a CPU without AMX, where bfloat16 is no faster).
-  `hardware_kind` is what the "auto" settings go by (settings.resolve_d_hidden: D's widths).
+  CPU has AMX or on a GPU, float32 on a CPU without AMX, where bfloat16 is no faster). Nothing here
+  changes the networks: they are the same on every machine.
 * `conv_memory_format`: the layout of a convolutional network's weights (channels_last on a CPU).
 * `pick_device`, `adam_kernel` (fused Adam where it exists), `float32_matmul_precision` (the block
   the training runs in).

@@ -5,8 +5,8 @@
 * `checked`: the one call a notebook makes to read its settings from its globals() into one dict and
   check them (papermill's injected names, names typed in the wrong case, the data's size, settings
   the cells above already used). It returns the dict every later cell, the step and the checkpoint use.
-* The "auto" widths of D (`resolve_d_hidden`), and whether a checkpoint's settings fit
-  (`check_checkpoint_fits`), including checkpoints made before a setting existed or after one retired.
+* Whether a checkpoint's settings fit (`check_checkpoint_fits`), including checkpoints made before a
+  setting existed or after one retired.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from gan.errors import CheckpointError, ParameterError
-from gan.hardware import hardware_kind
 
 
 def _positive_int(v):
@@ -74,9 +73,9 @@ PARAMETER_RULES = {
     "latent_dim": (_positive_int, "an integer >= 1"),
     "g_hidden": (_layer_widths, "a list of hidden-layer widths (integers >= 1), e.g. [256, 512, 1024]; "
                                 "in make run's PARAMS: -p g_hidden '[256, 512, 1024]' (papermill itself: -y 'g_hidden: [256, 512, 1024]')"),
-    "d_hidden": (lambda v: v == "auto" or _layer_widths(v),
-                 "'auto' or a list of hidden-layer widths (integers >= 1), e.g. [1024, 512, 256]; in make run's "
-                 "PARAMS: -p d_hidden '[1024, 512, 256]' (papermill itself: -y 'd_hidden: [1024, 512, 256]')"),
+    "d_hidden": (_layer_widths,
+                 "a list of hidden-layer widths (integers >= 1), e.g. [768, 384, 192] (the default, on every machine); "
+                 "in make run's PARAMS: -p d_hidden '[1024, 512, 256]' (papermill itself: -y 'd_hidden: [1024, 512, 256]')"),
     "g_batchnorm": (_is_bool, "True or False"),
     "d_dropout": (_unit_interval_open, "a number in [0, 1)"),
     "g_loss": (lambda v: v in ("non_saturating", "minimax"), "'non_saturating' or 'minimax'"),
@@ -347,9 +346,8 @@ def parameter_count(config: dict, rules: dict = PARAMETER_RULES) -> int:
                     dcgan.Discriminator(config["d_width"], size))
         else:
             from gan import vanilla_gan
-            d_hidden = D_HIDDEN_WIDE if config["d_hidden"] == "auto" else config["d_hidden"]
             nets = (vanilla_gan.Generator(config["latent_dim"], config["g_hidden"], config["g_batchnorm"]),
-                    vanilla_gan.Discriminator(d_hidden))
+                    vanilla_gan.Discriminator(config["d_hidden"]))
     return sum(p.numel() for net in nets for p in net.parameters())
 
 
@@ -420,14 +418,13 @@ def resumed(config: dict, checkpoint_config: dict, namespace: dict,
     (HOW_AND_WHERE) are always as set now. A setting the checkpoint predates keeps its value now."""
     check_same_notebook(checkpoint_config, config)
     mine = set_by_user(config, namespace, notebook_defaults(rules))
-    # ("auto" stays: it resolves to what the checkpoint's networks have, e.g. resolve_d_hidden.)
     kept = {k: checkpoint_config[k] for k in config
-            if k in checkpoint_config and k not in mine and k not in HOW_AND_WHERE and config[k] != "auto"}
+            if k in checkpoint_config and k not in mine and k not in HOW_AND_WHERE}
     resumed_config = {**config, **kept}
     validate_parameters(resumed_config, rules)  # an older version's checkpoint may hold a value now refused
     changed = settings_changed(checkpoint_config, resumed_config)
     changes = ", ".join(f"{k} {was!r} -> {now!r}" for k, (was, now) in changed.items()
-                        if k not in HOW_AND_WHERE and now != "auto")
+                        if k not in HOW_AND_WHERE)
     note = "with the run's own settings" + (f", except those set for this run: {changes}" if changes else "")
     return resumed_config, note
 
@@ -440,8 +437,7 @@ def checked(namespace: dict, rules: dict = PARAMETER_RULES, applied: dict | None
     Also checked: names papermill injected (a misspelt `-p epoch 5` is refused, not ignored), names
     that differ from a parameter only in case (`lr_D = 1e-4` in a new cell), with `n_train` the
     settings that depend on the training set's size, and with `applied` (the settings the cells above
-    used, when the training cell runs again) that nothing they used has changed since. "auto" D widths
-    keep the widths of the networks `applied` describes.
+    used, when the training cell runs again) that nothing they used has changed since.
     """
     config = parameters_from(namespace, rules)
     injected = injected_parameters(namespace.get("In", [])) if applied is None else {}
@@ -449,8 +445,6 @@ def checked(namespace: dict, rules: dict = PARAMETER_RULES, applied: dict | None
     validate_memory(config, rules)
     if applied is not None:
         config = {**{k: v for k, v in applied.items() if k not in rules}, **config}  # what the data decided, e.g. channels
-        if config.get("d_hidden") == "auto":
-            config["d_hidden"] = built_with(applied, "d_hidden")
         check_setup_unchanged(applied, config)
         check_checkpoint_fits(applied, config)  # e.g. latent_dim changed: re-run from the cell that builds the models
     if n_train is not None:
@@ -473,35 +467,6 @@ def built_with(model_config: dict, key: str):
     config predates the setting."""
     value = model_config.get(key, ARCHITECTURE_BEFORE_SETTING.get(key))
     return list(value) if isinstance(value, tuple) else value
-
-
-# D's hidden-layer widths for `d_hidden = "auto"`: as most reimplementations have it where matmuls are
-# cheap, three quarters of that where the step is bound by float32 matmul FLOPs (docs/experiments.md,
-# "Narrower networks": 1.37x the images per second there, the same final scores; with AMX only 1.09x,
-# for a slightly worse FD, so the wider D stays).
-D_HIDDEN_WIDE = [1024, 512, 256]
-D_HIDDEN_NARROW = [768, 384, 192]
-
-
-def resolve_d_hidden(d_hidden, device: torch.device, model_config: dict | None = None,
-                     amx: bool | None = None) -> tuple[list[int], str]:
-    """(D's hidden widths, why) for the notebook parameter `d_hidden` (a list, or "auto").
-
-    "auto" keeps the widths of the networks `model_config` describes (a checkpoint's settings, or the
-    models already built in this kernel): a run resumes with the networks it has, on any machine.
-    Otherwise: D_HIDDEN_WIDE on a GPU or a CPU with AMX, D_HIDDEN_NARROW on a CPU without AMX.
-    """
-    if d_hidden != "auto":
-        return list(d_hidden), "as set"
-    if model_config is not None:  # its widths are resolved: configs hold what the networks were built with
-        return list(built_with(model_config, "d_hidden")), "auto: the widths of the networks being continued"
-    device = torch.device(device)
-    widths, why = {"gpu": (D_HIDDEN_WIDE, f"a {device.type} device, where a step is bound by kernel launches, not FLOPs"),
-                   "amx": (D_HIDDEN_WIDE, "this CPU has AMX, where narrower layers save little time"),
-                   "no_amx": (D_HIDDEN_NARROW, "this CPU has no AMX, so each float32 FLOP counts: 3/4 width, "
-                                               "22% fewer FLOPs a step, the same scores"),
-                   }[hardware_kind(device, amx)]
-    return list(widths), "auto: " + why
 
 
 def notebook_of(config: dict) -> str:

@@ -49,7 +49,7 @@ def notebook_parameters() -> dict:
     # --- models ---
     latent_dim = 100
     g_hidden = [256, 512, 1024]  # widths of G's hidden layers
-    d_hidden = "auto"          # widths of D's hidden layers; "auto": [1024, 512, 256] on a GPU or a CPU with AMX, [768, 384, 192] (1.37x faster steps, same scores) on other CPUs
+    d_hidden = [768, 384, 192]  # widths of D's hidden layers: 3/4 of G's mirror image, the same scores as [1024, 512, 256] for 22% fewer FLOPs a step
     g_batchnorm = True         # BatchNorm1d in G's hidden layers (not in the paper; higher recall here)
     d_dropout = 0.0            # the paper used dropout in D; with the R1 penalty, none is best (without it, 0.1)
 
@@ -93,14 +93,14 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """784 pixels -> hidden layers (`d_hidden`: 1024 -> 512 -> 256 or 768 -> 384 -> 192) -> 1 logit (the
-    sigmoid lives in the loss).
+    """784 pixels -> hidden layers (`d_hidden`, default 768 -> 384 -> 192) -> 1 logit (the sigmoid lives
+    in the loss).
 
     Departs from the paper's maxout discriminator: LeakyReLU(0.2) units. Optional dropout, as in the
     paper (off by default: the R1 penalty regularises D instead).
     """
 
-    def __init__(self, hidden_widths=(1024, 512, 256), dropout=0.0):
+    def __init__(self, hidden_widths=(768, 384, 192), dropout=0.0):
         super().__init__()
         layers, width = [], 28 * 28
         for hidden in hidden_widths:

@@ -375,7 +375,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-subset", type=int, default=0, help="training images of the timed run (0: all)")
     parser.add_argument("--g-hidden", type=int, nargs="+", default=None, metavar="WIDTH", help="override the notebook's")
     parser.add_argument("--d-hidden", type=int, nargs="+", default=None, metavar="WIDTH",
-                        help="override the notebook's \"auto\" (1024 512 256 or 768 384 192: the two widths it picks from)")
+                        help="override the notebook's (768 384 192; most reimplementations: 1024 512 256)")
     parser.add_argument("--out", default="runs/benchmark.json")
     args = parser.parse_args(argv)
     if args.dcgan:
@@ -403,7 +403,6 @@ def main(argv=None) -> dict:
     device = hardware.pick_device(args.device)
     precision_setting = cfg["matmul_precision"]
     cfg["matmul_precision"], precision_reason = hardware.resolve_matmul_precision(precision_setting, device)
-    cfg["d_hidden"], d_hidden_reason = settings.resolve_d_hidden(cfg["d_hidden"], device)
     data = mnist_data.load_mnist(args.data_dir, device=device, download=True)
 
     peak = matmul_peak_gflops(device)  # plain float32: the yardstick whatever (a) runs at
@@ -415,7 +414,7 @@ def main(argv=None) -> dict:
     speedup = medium_precision_speedup(device, step_layers(cfg))
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "batch_size": cfg["batch_size"], "r1_gamma": cfg["r1_gamma"],
-        "g_hidden": cfg["g_hidden"], "d_hidden": cfg["d_hidden"], "d_hidden_reason": d_hidden_reason,
+        "g_hidden": cfg["g_hidden"], "d_hidden": cfg["d_hidden"],
         "matmul_precision": cfg["matmul_precision"], "matmul_precision_reason": precision_reason,
         "cuda_graphs": args.cuda_graphs and device.type == "cuda",
         "matmul_peak_gflops": peak, "medium_precision_speedup": speedup,
@@ -443,7 +442,7 @@ def main(argv=None) -> dict:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     runs.write_json(args.out, result)
     print(f"device {device}, {torch.get_num_threads()} threads, batch size {cfg['batch_size']}, r1_gamma {cfg['r1_gamma']}"
-          f", D hidden {cfg['d_hidden']} ({d_hidden_reason}), G hidden {cfg['g_hidden']}, matmul precision {cfg['matmul_precision']} ({precision_reason})\n"
+          f", D hidden {cfg['d_hidden']}, G hidden {cfg['g_hidden']}, matmul precision {cfg['matmul_precision']} ({precision_reason})\n"
           f"  matmul peak (fp32)        {peak:8.1f} GFLOP/s\n"
           f"  \"medium\" matmuls         {speedup:8.2f}x as fast as fp32 at the step's layers (bfloat16 on a CPU)\n"
           + precision_advice(precision_setting, cfg["matmul_precision"], speedup) +

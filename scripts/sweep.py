@@ -52,13 +52,11 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected 1/0 or true/false, got {text!r}")
 
 
-def parse_widths(text: str):
-    if text == "auto":
-        return text
+def parse_width(text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected layer widths (integers) or auto, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected layer widths (integers), got {text!r}") from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,8 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=12)
     for name in RECIPE_PARAMETERS:  # typed like the notebook's default; checked by the notebook's rules
         default = defaults[name]
-        if name in ("g_hidden", "d_hidden"):  # layer widths: --d-hidden 1024 512 256 (or auto)
-            p.add_argument("--" + name.replace("_", "-"), type=parse_widths, nargs="+", default=default,
+        if name in ("g_hidden", "d_hidden"):  # layer widths: --d-hidden 1024 512 256
+            p.add_argument("--" + name.replace("_", "-"), type=parse_width, nargs="+", default=default,
                            help=f"default {default!r}")
             continue
         kind = parse_bool if isinstance(default, bool) else type(default)
@@ -86,9 +84,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="'cpu' (default), 'cuda', 'auto', ...: where it trains")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the step as CUDA graphs (on a CUDA device)")
     a = p.parse_args(argv)
-    for name in ("g_hidden", "d_hidden"):  # ["auto"] from the command line is the setting "auto"
-        if getattr(a, name) == ["auto"]:
-            setattr(a, name, "auto")
     try:
         settings.validate_parameters(recipe(a))
     except ParameterError as exc:
@@ -136,7 +131,6 @@ def main(argv=None) -> dict:
     # starts from the same weights and the same random-number stream as the notebook's.
     runs.seed_everything(a.seed)
     device = hardware.pick_device(a.device)
-    s["d_hidden"], d_hidden_reason = settings.resolve_d_hidden(a.d_hidden, device)
     data = mnist_data.load_mnist(a.data_dir, device=device, train_subset=a.train_subset)
     classifier = load_classifier(device=device)
     ref = gm.reference_stats(classifier, data.test_x)
@@ -150,7 +144,7 @@ def main(argv=None) -> dict:
     also_ema = {decay: copy.deepcopy(parts["G"]).eval().requires_grad_(False) for decay in a.also_ema}
     steps_per_epoch = len(data.train_x) // a.batch_size
     precision, why = hardware.resolve_matmul_precision(a.matmul_precision, device)
-    print(f"training matmul precision: {precision} ({why}); D's hidden layers: {s['d_hidden']} ({d_hidden_reason})",
+    print(f"training matmul precision: {precision} ({why}); D's hidden layers: {s['d_hidden']}",
           flush=True)
     step_fn = hardware.step_runner(vars(method), parts, s, (a.batch_size, *data.train_x.shape[1:]), device, a.cuda_graphs)
 
@@ -164,7 +158,7 @@ def main(argv=None) -> dict:
         return final_scores(classifier, gu.generate_images(generator, a.final_samples, a.latent_dim, seed=a.seed + 4), ref)
 
     clock, rows = gu.Stopwatch(), []
-    result = {"args": vars(a), "rows": rows, "matmul_precision_resolved": precision, "d_hidden_resolved": s["d_hidden"]}
+    result = {"args": vars(a), "rows": rows, "matmul_precision_resolved": precision}
     for epoch in range(a.epochs):
         clock.start()
         parts["G"].train(), parts["D"].train()

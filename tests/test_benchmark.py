@@ -40,7 +40,7 @@ def test_benchmark_writes_its_figures(tmp_path, data_dir):
     # The FLOP count matches the networks' matmuls, counted by hand from the layer shapes, plus a
     # quarter of an R1 step (every 4th step; a forward and a double backward through D).
     plain, d_forward = step_matmul_flops({**method.notebook_parameters(), "d_hidden": saved["d_hidden"]})
-    assert saved["d_hidden"] == settings.resolve_d_hidden("auto", torch.device("cpu"))[0]  # "auto", as the notebook resolves it
+    assert saved["d_hidden"] == method.notebook_parameters()["d_hidden"]
     assert plain + 3.4 * d_forward / 4 < saved["notebook_step"]["flops_per_image"] < plain + 8.6 * d_forward / 4
     assert result["speedup_vs_naive"] == pytest.approx(
         result["notebook_step"]["images_per_s"] / result["naive_pipeline"]["images_per_s"])

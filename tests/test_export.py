@@ -67,7 +67,7 @@ def test_each_block_names_its_notebook_cell_and_section():
 def test_the_parameters_cell_gives_the_defaults(monkeypatch):
     monkeypatch.setenv("GAN_DATA_DIR", "/somewhere")
     defaults = method.notebook_parameters()
-    assert defaults["data_dir"] == "/somewhere" and defaults["epochs"] == 60 and defaults["d_hidden"] == "auto"
+    assert defaults["data_dir"] == "/somewhere" and defaults["epochs"] == 60 and defaults["d_hidden"] == [768, 384, 192]
     assert "os" not in defaults
     assert dcgan.notebook_parameters()["dataset"] == "cifar10"
 

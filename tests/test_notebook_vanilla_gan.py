@@ -127,7 +127,7 @@ def test_checkpoint_loads_into_the_notebooks_networks(run):
     ck = runs.load_checkpoint(run.run_dir / "checkpoint.pt")
     G = method.Generator(100, batchnorm=True)
     G.load_state_dict(ck["G_ema"])
-    D = method.Discriminator(ck["config"]["d_hidden"], dropout=0.3)  # "auto" widths differ by CPU
+    D = method.Discriminator(ck["config"]["d_hidden"], dropout=0.3)
     D.load_state_dict(ck["D"])
     with torch.no_grad():
         assert D.eval()(G.eval()(ck["fixed_noise"])).shape == (64,)
@@ -216,19 +216,17 @@ def test_a_finished_run_resumed_says_there_is_nothing_to_train_with_no_empty_bar
     assert "eval_samples = 0: no samples to set beside the training set" in notebook_text(again.nb)
 
 
-def test_auto_d_widths_follow_the_hardware_and_a_resume_keeps_its_own_widths_and_settings(run, tmp_path, data_dir):
+def test_a_resume_keeps_its_own_widths_and_settings(run, tmp_path, data_dir):
     config = json.loads((run.run_dir / "config.json").read_text())
-    assert config["d_hidden"] == settings.resolve_d_hidden("auto", torch.device("cpu"))[0]
-    assert config["d_hidden_reason"].startswith("auto: ")
-    # A run made with other widths (as "auto" picks on another kind of machine) and its own learning
-    # rate continues with both, when the resume passes neither (the command a stop prints).
+    assert config["d_hidden"] == [768, 384, 192]  # the default, on every machine
+    # A run made with other widths and its own learning rate continues with both, when the resume
+    # passes neither (the command a stop prints).
     first = execute_cached(tmp_path / "first", data_dir, d_hidden=[64, 32], lr_g=1e-4, epochs=1, eval_samples=0)
     first.check()
     second = execute_cached(tmp_path / "second", data_dir, resume=str(first.run_dir / "checkpoint.pt"), run_dir="",
                             epochs=2, eval_samples=0)
     second.check()
     text = notebook_text(second.nb)
-    assert "D's hidden layers: [64, 32] (auto: the widths of the networks being continued)" in text
     assert "after epoch 1, with the run's own settings, except those set for this run: epochs 1 -> 2" in text
     resumed = runs.load_checkpoint(first.run_dir / "checkpoint.pt")
     assert resumed["epoch"] == 2 and resumed["config"]["d_hidden"] == [64, 32] and resumed["config"]["lr_g"] == 1e-4

@@ -202,23 +202,37 @@ def test_settings_changed_counts_a_later_setting_as_what_the_checkpoint_trained_
     assert settings.settings_changed(defaults, moved) == {"epochs": (defaults["epochs"], 80)}
 
 
-def test_auto_d_widths_are_narrower_only_on_a_cpu_without_amx_and_a_resume_keeps_its_own():
-    cpu = torch.device("cpu")
-    assert settings.resolve_d_hidden("auto", cpu, amx=True)[0] == [1024, 512, 256]
-    widths, why = settings.resolve_d_hidden("auto", cpu, amx=False)
-    assert widths == [768, 384, 192] and "no AMX" in why
-    assert settings.resolve_d_hidden("auto", torch.device("cuda"), amx=False)[0] == [1024, 512, 256]
-    assert settings.resolve_d_hidden([64, 32], cpu, amx=False) == ([64, 32], "as set")  # never second-guessed
-    assert settings.resolve_d_hidden((64, 32), cpu, {"d_hidden": [128]}) == ([64, 32], "as set")  # the fit check then refuses
-    # "auto" continues the networks a checkpoint (or this kernel) holds, whatever this machine would pick;
-    # a checkpoint from before the setting existed holds the old fixed widths.
-    widths, why = settings.resolve_d_hidden("auto", cpu, {"d_hidden": [768, 384, 192]}, amx=True)
-    assert widths == [768, 384, 192] and "continued" in why
-    assert settings.resolve_d_hidden("auto", cpu, {"latent_dim": 100}, amx=False)[0] == [1024, 512, 256]
+def test_the_default_networks_are_the_same_on_every_device_and_cpu(monkeypatch):
+    # Only how a step is computed may adapt to the machine (precision, layout, threads), never what it
+    # computes: the networks built from either notebook's defaults have the same shapes whatever the CPU
+    # reports, and on any device (a GPU's stand-in here is the meta device: shapes only).
+    from gan import dcgan, hardware
+    mlp, conv = method.notebook_parameters(), dcgan.notebook_parameters()
+    assert all(mlp[k] != "auto" for k in settings.ARCHITECTURE_KEYS)
+    assert all(conv[k] != "auto" for k in settings.DCGAN_ARCHITECTURE_KEYS)
+
+    def shapes(parts):
+        return {name: {k: tuple(v.shape) for k, v in net.state_dict().items()}
+                for name, net in parts.items() if isinstance(net, torch.nn.Module)}
+
+    def built(device):
+        return (shapes(method.build_training_parts(mlp, device)),
+                shapes(dcgan.build_training_parts(conv, device, 3)))
+
+    by_flag = {}
+    for amx in (True, False):
+        monkeypatch.setattr(hardware, "cpu_has_amx", lambda *a, amx=amx, **k: amx)
+        by_flag[amx] = built("cpu")
+    assert by_flag[True] == by_flag[False]
+    assert built("meta") == by_flag[True]
+    widths = [shape[0] for k, shape in by_flag[True][0]["D"].items() if k.endswith("weight")]
+    assert widths == [768, 384, 192, 1]
 
 
 def test_auto_precision_is_an_allowed_value_and_a_typo_is_refused():
-    settings.validate_parameters({"matmul_precision": "auto", "cuda_graphs": True, "d_hidden": "auto"})
+    settings.validate_parameters({"matmul_precision": "auto", "cuda_graphs": True})
+    with pytest.raises(errors.ParameterError, match=r"d_hidden = 'auto'.*\[768, 384, 192\] \(the default, on every machine\)"):
+        settings.validate_parameters({"d_hidden": "auto"})  # the networks never depend on the machine
     with pytest.raises(errors.ParameterError, match="matmul_precision.*'auto'"):
         settings.validate_parameters({"matmul_precision": "bf16"})
     with pytest.raises(errors.ParameterError, match="cuda_graphs"):
@@ -238,7 +252,7 @@ def test_auto_precision_is_an_allowed_value_and_a_typo_is_refused():
     ("lr_g", "1e-4", 1e-4),
     ("g_batchnorm", "False", False),
     ("d_hidden", "[512, 256]", [512, 256]),
-    ("d_hidden", "auto", "auto"),
+    ("d_hidden", "auto", "auto"),  # left as text: validate_parameters refuses it
     ("d_hidden", "[512, 256", "[512, 256"),  # left as text: validate_parameters names it
     ("overwrite", "1", 1),  # allowed neither way: left for validate_parameters to name
 ])
@@ -266,7 +280,7 @@ def resumed_with(namespace_changes: dict, checkpoint_changes: dict, injected: st
     namespace = {**config, "In": [injected] if injected else []}
     checkpoint_config = {**defaults, **checkpoint_changes}
     if rules is settings.PARAMETER_RULES:
-        checkpoint_config["d_hidden"] = [768, 384, 192]  # checkpoints hold the widths "auto" resolved to
+        checkpoint_config["d_hidden"] = [1024, 512, 256]  # a run made with other widths than today's default
     return settings.resumed(config, checkpoint_config, namespace, rules)
 
 
@@ -274,7 +288,7 @@ def test_a_resume_continues_with_the_runs_own_settings():
     config, note = resumed_with({"resume": RESUME}, {"lr_g": 1e-4, "train_subset": 512, "epochs": 3},
                                 injected=f"# Parameters\nresume = {RESUME!r}\n")
     assert (config["lr_g"], config["train_subset"], config["epochs"]) == (1e-4, 512, 3)
-    assert config["d_hidden"] == "auto"  # resolved to the checkpoint's widths by resolve_d_hidden
+    assert config["d_hidden"] == [1024, 512, 256]  # the checkpoint's networks, not the default's
     assert note == "with the run's own settings"
 
 
