@@ -1,9 +1,11 @@
 """Choices made by the hardware at hand, none of which changes what a step computes.
 
-* The CPU: `cpu_has_amx`, and `cpu_description` (the model, AMX / AVX-512 / AVX2 only, any cap), which
+* The CPU: `cpu_description` (the model, AMX / AVX-512 / AVX2 only, any cap), which
   every run records in config.json so that its times name the machine.
-* `resolve_matmul_precision`: what `matmul_precision = "auto"` means here (bfloat16 matmuls where the
-  CPU has AMX or on a GPU, float32 on a CPU without AMX, where bfloat16 is no faster). Nothing here
+* `resolve_matmul_precision`: what `matmul_precision = "auto"` means here: bfloat16 matmuls where a
+  second's measurement of the step's own layers (`medium_precision_speedup`, cached per machine by
+  `measured_speedup`) finds them clearly faster than float32, as on a CPU with AMX or a GPU; else
+  float32. Nothing here
   changes the networks: they are the same on every machine.
 * `conv_memory_format`: the layout of a convolutional network's weights (channels_last on a CPU).
 * `pick_device`, `adam_kernel` (fused Adam where it exists), `float32_matmul_precision` (the block
@@ -19,35 +21,17 @@ Nothing here holds global state: a runner belongs to one run of the training cel
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from gan.errors import ParameterError
-
-# ONEDNN_MAX_CPU_ISA values that leave AMX available (oneDNN's names; anything else caps below it).
-_ISA_WITH_AMX = ("ALL", "DEFAULT")
-
-
-def cpu_has_amx(cpuinfo: str | None = None, max_isa: str | None = None) -> bool:
-    """True when oneDNN can use this CPU's AMX tiles for bfloat16 matmuls: /proc/cpuinfo lists the
-    `amx_bf16` flag, and ONEDNN_MAX_CPU_ISA (which caps the instructions oneDNN uses) does not cap
-    them away. False where the CPU does not say (macOS, Windows): float32 is the safe choice there."""
-    if max_isa is None:
-        max_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
-    max_isa = max_isa.strip().upper()
-    if max_isa and max_isa not in _ISA_WITH_AMX and "AMX" not in max_isa:
-        return False
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    return "amx_bf16" in cpuinfo.split()
-
 
 def cpu_model() -> str:
     """The CPU's model name (as lscpu shows it), or the platform's best guess."""
@@ -75,30 +59,124 @@ def cpu_description(cpuinfo: str | None = None, environ=os.environ) -> str:
     return f"{cpu_model()} ({isa}{'; capped: ' + ', '.join(caps) if caps else ''})"
 
 
-def resolve_matmul_precision(precision: str, device: torch.device, amx: bool | None = None) -> tuple[str, str]:
+# "auto" takes bfloat16 ("medium") only where it measured at least this much faster than float32 on
+# the step's own layers: it costs precision, so a tie (or a noisy 1.1x) stays in float32.
+MEDIUM_PRECISION_MIN_SPEEDUP = 1.25
+
+
+def mlp_step_layers(config: dict) -> list[tuple[int, int, int]]:
+    """(rows, inputs, outputs) of the MLP step's largest layers: D's first two on a batch of real and
+    fake images, and G's output layer."""
+    bs, d, g_last = config["batch_size"], config["d_hidden"], config["g_hidden"][-1]
+    return [(2 * bs, 784, d[0]), (2 * bs, d[0], d[1]), (bs, g_last, 784)]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so that a clock read after it counts them."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def medium_precision_speedup(device: torch.device, layers: list[tuple[int, int, int]], rounds: int = 5,
+                             reps: int = 5) -> float:
+    """How many times faster these linear layers train (forward, and the backward to input and weight,
+    as in the step) at `matmul_precision = "medium"` (bfloat16 products on a CPU, TF32 or bfloat16 on
+    a GPU) than in plain float32, summed over the layers. Each layer is timed at both precisions back
+    to back, `rounds` times, and the best of each counts: load from other programs slows both alike
+    or only some rounds, and the best is what the hardware can do."""
+    device = torch.device(device)
+    best = {"highest": [float("inf")] * len(layers), "medium": [float("inf")] * len(layers)}
+    generator = torch.Generator().manual_seed(0)  # the run's own random stream is left untouched
+    tensors = [tuple(torch.randn(shape, generator=generator).to(device).requires_grad_(grad)
+                     for shape, grad in (((rows, n_in), True), ((n_out, n_in), True), ((rows, n_out), False)))
+               for rows, n_in, n_out in layers]
+
+    def train_layer(x, w, grad_out):
+        return torch.autograd.grad(torch.nn.functional.linear(x, w), (x, w), grad_out)
+
+    for _ in range(rounds):
+        for i, layer in enumerate(tensors):
+            for precision, times in best.items():
+                with float32_matmul_precision(precision):
+                    train_layer(*layer)  # warm-up: kernel selection, weight reorders at this precision
+                    synchronize(device)
+                    started = time.perf_counter()
+                    for _ in range(reps):
+                        train_layer(*layer)
+                    synchronize(device)
+                    times[i] = min(times[i], (time.perf_counter() - started) / reps)
+    return sum(best["highest"]) / sum(best["medium"])
+
+
+def _machine_key(device: torch.device, layers) -> str:
+    """What a measured speed-up holds for: this CPU (or GPU), its caps, the threads, PyTorch, the layers."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    caps = ",".join(f"{k}={os.environ[k]}" for k in ("MKL_ENABLE_INSTRUCTIONS",) if os.environ.get(k))
+    return (f"{cpu_description()} {caps}| {where} | {torch.get_num_threads()} threads | "
+            f"torch {torch.__version__} | layers {sorted(map(tuple, layers))}")
+
+
+def precision_cache_path() -> Path:
+    from gan.image_data import user_cache_dir  # here, not at the top: gan.image_data imports gan.runs, which imports this module
+    return user_cache_dir() / "matmul_precision.json"
+
+
+def _read_speedups(path: Path) -> dict:
+    """The cached speed-ups by machine key; {} (saying why) when the file is unreadable or not ours."""
+    try:
+        cached = json.loads(path.read_text())
+        if isinstance(cached, dict) and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+                                            for v in cached.values()):
+            return cached
+        raise ValueError("not a table of speed-ups")
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        print(f"note: ignoring the cached precision measurements in {path} ({exc}); measuring again")
+        return {}
+
+
+def measured_speedup(device: torch.device, layers) -> tuple[float, str]:
+    """(medium_precision_speedup for these layers on this machine, where it came from): measured once
+    per machine (about a second) and cached in the user's cache directory."""
+    path, key = precision_cache_path(), _machine_key(device, layers)
+    cached = _read_speedups(path)
+    if key in cached:
+        return cached[key], f"measured earlier, cached in {path}"
+    started = time.perf_counter()
+    speedup = medium_precision_speedup(device, layers)
+    from gan.runs import write_json  # here, not at the top: gan.runs imports this module
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {**_read_speedups(path), key: speedup})
+    except OSError as exc:  # a read-only home: measured again next time, nothing else lost
+        print(f"note: could not cache the precision measurement in {path} ({exc})")
+    return speedup, f"measured now in {time.perf_counter() - started:.1f} s"
+
+
+def resolve_matmul_precision(precision: str, device: torch.device, layers=None) -> tuple[str, str]:
     """(torch.set_float32_matmul_precision value, why) for the notebook parameter `matmul_precision`.
 
-    "auto" picks "medium" (matmuls in bfloat16 with float32 accumulation) on a GPU and on a CPU with
-    AMX, where it is 2-3x faster than float32; "highest" (plain float32) on a CPU without AMX: on an
-    AVX-512 BF16 CPU without AMX, bfloat16 matmuls measured 0.9x the speed of float32 ones
-    (scripts/benchmark.py, docs/experiments.md), so bfloat16 would only cost precision.
+    "auto" times the step's own linear `layers` ((rows, inputs, outputs), e.g. mlp_step_layers) in
+    float32 and at "medium" (bfloat16 products with float32 accumulation on a CPU; TF32 or bfloat16 on
+    a GPU) on this machine, and takes "medium" where it trains them at least
+    MEDIUM_PRECISION_MIN_SPEEDUP times as fast: 2-3x on a CPU with AMX, about 0.9x on an AVX-512 BF16
+    CPU without AMX (docs/experiments.md). Networks without linear layers (DCGAN's convolutions) have
+    nothing it would change: float32.
     """
     if precision != "auto":
         return precision, "as set"
-    device = torch.device(device)
-    return {"gpu": ("medium", f"auto: {device.type} device"),
-            "amx": ("medium", "auto: this CPU has AMX, which multiplies bfloat16 matrices 2-3x faster than float32"),
-            "no_amx": ("highest", "auto: this CPU has no AMX (or ONEDNN_MAX_CPU_ISA caps it), where bfloat16 "
-                                  "matmuls are no faster than float32: training in float32"),
-            }[hardware_kind(device, amx)]
-
-
-def hardware_kind(device: torch.device, amx: bool | None) -> str:
-    """What the "auto" settings go by: "gpu" (any device but the CPU), "amx" (a CPU whose AMX oneDNN
-    may use) or "no_amx" (a CPU where a step is bound by float32 matmul FLOPs)."""
-    if device.type != "cpu":
-        return "gpu"
-    return "amx" if (cpu_has_amx() if amx is None else amx) else "no_amx"
+    if not layers:
+        return "highest", "auto: no matrix-multiply layers to speed up (the convolutions run in float32)"
+    speedup, source = measured_speedup(torch.device(device), layers)
+    chosen = "medium" if speedup >= MEDIUM_PRECISION_MIN_SPEEDUP else "highest"
+    verdict = ("bfloat16 it is" if chosen == "medium" else
+               f"under {MEDIUM_PRECISION_MIN_SPEEDUP}x, so float32")
+    return chosen, (f"auto: the step's layers trained {speedup:.2f}x as fast with bfloat16 matmuls as in "
+                    f"float32 here ({source}): {verdict}")
 
 
 def conv_memory_format(device: torch.device) -> torch.memory_format:

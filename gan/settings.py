@@ -56,7 +56,7 @@ def _is_str(v):
 
 
 # The values of torch.set_float32_matmul_precision (notebook parameter `matmul_precision`), and "auto":
-# chosen by the hardware (hardware.resolve_matmul_precision).
+# chosen by a timing on the machine itself (hardware.resolve_matmul_precision).
 MATMUL_PRECISIONS = ("auto", "highest", "high", "medium")
 
 # name -> (check, the allowed values in words). The notebook's parameters cell holds the defaults.

@@ -43,11 +43,6 @@ from gan import vanilla_gan as method
 from gan.errors import ParameterError
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_peak_gflops(device: torch.device, sizes=(1024, 2048, 3072), seconds: float = 1.0) -> float:
     """Best fp32 GFLOP/s of square matmuls: the machine's practical ceiling for this workload."""
     best = 0.0
@@ -55,64 +50,14 @@ def matmul_peak_gflops(device: torch.device, sizes=(1024, 2048, 3072), seconds: 
         a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
         for _ in range(3):  # warm-up: thread pools, caches, kernel selection
             a @ b
-        synchronize(device)
+        hardware.synchronize(device)
         reps, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
             a @ b
             reps += 1
-        synchronize(device)
+        hardware.synchronize(device)
         best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - started) / 1e9)
     return best
-
-
-def step_layers(cfg: dict) -> list[tuple[int, int, int]]:
-    """(rows, inputs, outputs) of the step's largest layers: D's first two on a batch of real and fake
-    images, and G's output layer."""
-    bs, d, g_last = cfg["batch_size"], cfg["d_hidden"], cfg["g_hidden"][-1]
-    return [(2 * bs, 784, d[0]), (2 * bs, d[0], d[1]), (bs, g_last, 784)]
-
-
-def medium_precision_speedup(device: torch.device, layers: list[tuple[int, int, int]], rounds: int = 5,
-                     reps: int = 10) -> float:
-    """How many times faster these linear layers train (forward, and the backward to input and weight,
-    as in the step) at `matmul_precision = "medium"` (bfloat16 products on a CPU, TF32 or bfloat16 on
-    a GPU) than in plain float32: the best time of each over `rounds` alternating rounds (the best is
-    what the hardware can do; the rest is other load), summed over the layers."""
-    best = {"highest": [float("inf")] * len(layers), "medium": [float("inf")] * len(layers)}
-    tensors = [(torch.randn(rows, n_in, device=device, requires_grad=True),
-                torch.randn(n_out, n_in, device=device, requires_grad=True),
-                torch.randn(rows, n_out, device=device)) for rows, n_in, n_out in layers]
-
-    def train_layer(x, w, grad_out):
-        return torch.autograd.grad(nn.functional.linear(x, w), (x, w), grad_out)
-
-    for _ in range(rounds):
-        for precision, times in best.items():
-            with hardware.float32_matmul_precision(precision):
-                for i, layer in enumerate(tensors):
-                    train_layer(*layer)  # warm-up: kernel selection, weight reorders at this precision
-                    synchronize(device)
-                    started = time.perf_counter()
-                    for _ in range(reps):
-                        train_layer(*layer)
-                    synchronize(device)
-                    times[i] = min(times[i], (time.perf_counter() - started) / reps)
-    return sum(best["highest"]) / sum(best["medium"])
-
-
-def precision_advice(setting: str, precision: str, speedup: float) -> str:
-    """A line for the report when the measured bfloat16 speed-up disagrees with the `precision` that
-    `setting` "auto" chose (the choice goes by what the CPU reports, measured on two kinds of CPU
-    only), else "". A precision set by hand is the user's choice: nothing to say."""
-    if setting != "auto":
-        return ""
-    if precision == "highest" and speedup >= 1.1:
-        return (f"  note: \"medium\" (bfloat16) matmuls ran {speedup:.2f}x as fast as float32 here, but \"auto\" chose float32: "
-                f"time --matmul-precision medium (the notebook: matmul_precision = \"medium\") and tell us\n")
-    if precision != "highest" and speedup < 1.0:
-        return (f"  note: \"medium\" matmuls ran only {speedup:.2f}x as fast as float32 here, but \"auto\" chose "
-                f"{precision}: time --matmul-precision highest and tell us\n")
-    return ""
 
 
 class CountFlops(TorchDispatchMode):
@@ -168,7 +113,7 @@ def time_notebook_step(cfg: dict, train_x: torch.Tensor, seconds: float, profile
         flops_per_step += (counter.flops - flops_per_step) / r1_every
     for number in range(1, 6):  # warm-up: thread pools, allocator, kernel selection
         step(real, number)
-    synchronize(device)
+    hardware.synchronize(device)
     images, epoch, started = 0, 0, time.perf_counter()
     sums = torch.zeros(5, device=device)
     while time.perf_counter() - started < seconds:
@@ -402,7 +347,8 @@ def main(argv=None) -> dict:
         parser.error(str(exc))
     device = hardware.pick_device(args.device)
     precision_setting = cfg["matmul_precision"]
-    cfg["matmul_precision"], precision_reason = hardware.resolve_matmul_precision(precision_setting, device)
+    cfg["matmul_precision"], precision_reason = hardware.resolve_matmul_precision(
+        precision_setting, device, hardware.mlp_step_layers(cfg))
     data = mnist_data.load_mnist(args.data_dir, device=device, download=True)
 
     peak = matmul_peak_gflops(device)  # plain float32: the yardstick whatever (a) runs at
@@ -411,7 +357,7 @@ def main(argv=None) -> dict:
         peak_at_precision = matmul_peak_gflops(device) if reduced else peak
         ours = time_notebook_step(cfg, data.train_x, args.seconds, args.profile, args.cuda_graphs)
     naive = time_naive_pipeline(cfg, args.data_dir, device, args.seconds, args.num_workers)
-    speedup = medium_precision_speedup(device, step_layers(cfg))
+    speedup = hardware.medium_precision_speedup(device, hardware.mlp_step_layers(cfg))  # measured anew, not cached
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "batch_size": cfg["batch_size"], "r1_gamma": cfg["r1_gamma"],
         "g_hidden": cfg["g_hidden"], "d_hidden": cfg["d_hidden"],
@@ -445,7 +391,7 @@ def main(argv=None) -> dict:
           f", D hidden {cfg['d_hidden']}, G hidden {cfg['g_hidden']}, matmul precision {cfg['matmul_precision']} ({precision_reason})\n"
           f"  matmul peak (fp32)        {peak:8.1f} GFLOP/s\n"
           f"  \"medium\" matmuls         {speedup:8.2f}x as fast as fp32 at the step's layers (bfloat16 on a CPU)\n"
-          + precision_advice(precision_setting, cfg["matmul_precision"], speedup) +
+          +
           f"  (a) notebook step         {ours['images_per_s']:8.0f} images/s  "
           f"({ours['gflops']:.1f} GFLOP/s = {result['share_of_matmul_peak']:.0%} of peak, "
           f"{ours['flops_per_image'] / 1e6:.1f} MFLOP/image, one epoch of 50,000 in {result['epoch_seconds_50k']:.1f} s)\n"

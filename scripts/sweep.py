@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
     # updates read G's weights only, so they change neither the training nor its random numbers).
     also_ema = {decay: copy.deepcopy(parts["G"]).eval().requires_grad_(False) for decay in a.also_ema}
     steps_per_epoch = len(data.train_x) // a.batch_size
-    precision, why = hardware.resolve_matmul_precision(a.matmul_precision, device)
+    precision, why = hardware.resolve_matmul_precision(a.matmul_precision, device, hardware.mlp_step_layers(s))
     print(f"training matmul precision: {precision} ({why}); D's hidden layers: {s['d_hidden']}",
           flush=True)
     step_fn = hardware.step_runner(vars(method), parts, s, (a.batch_size, *data.train_x.shape[1:]), device, a.cuda_graphs)

@@ -7,8 +7,6 @@ import json
 import pytest
 import torch
 
-from gan import hardware
-from gan import settings
 from gan import vanilla_gan as method
 
 
@@ -56,42 +54,6 @@ def test_naive_pipeline_reads_a_directory_with_only_the_downloaded_gz_files(make
     result = benchmark.time_naive_pipeline(cfg, str(root), torch.device("cpu"), seconds=0.1, num_workers=0)
     assert result["images"] >= 32 and result["images_per_s"] > 0
     assert (root / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()  # unpacked beside, as torchvision does
-
-
-def test_medium_precision_speedup_times_the_steps_largest_layers_at_both_precisions(monkeypatch):
-    import benchmark
-
-    cfg = {"batch_size": 4, "d_hidden": [12, 6], "g_hidden": [8, 16]}
-    assert benchmark.step_layers(cfg) == [(8, 784, 12), (8, 12, 6), (4, 16, 784)]
-    seen = []
-    real_precision = hardware.float32_matmul_precision
-
-    def recording(precision):
-        seen.append(precision)
-        return real_precision(precision)
-
-    monkeypatch.setattr(benchmark.hardware, "float32_matmul_precision", recording)
-    speedup = benchmark.medium_precision_speedup(torch.device("cpu"), benchmark.step_layers(cfg), rounds=2, reps=2)
-    assert speedup > 0
-    assert seen == ["highest", "medium"] * 2  # alternating rounds, so that other load hits both alike
-    assert torch.get_float32_matmul_precision() == "highest"  # restored afterwards
-
-
-@pytest.mark.parametrize("setting, precision, speedup, advice", [
-    ("auto", "highest", 1.16, "medium"),    # "auto" chose float32, bfloat16 is faster
-    ("auto", "highest", 1.05, None),        # within the noise of equal
-    ("auto", "medium", 0.9, "highest"),     # "auto" chose bfloat16, which is slower
-    ("auto", "medium", 2.3, None),
-    ("highest", "highest", 2.3, None),      # set by hand: the user's choice stands
-])
-def test_precision_advice_speaks_only_when_the_measurement_disagrees_with_auto(setting, precision, speedup, advice):
-    import benchmark
-
-    line = benchmark.precision_advice(setting, precision, speedup)
-    if advice is None:
-        assert line == ""
-    else:
-        assert f"--matmul-precision {advice}" in line and f"{speedup:.2f}x" in line
 
 
 def test_benchmark_without_r1_counts_the_plain_step_and_profiles_it(tmp_path, data_dir):

@@ -1,9 +1,10 @@
-"""gan/hardware.py: the device, the matmul precision and AMX, the conv weights' layout, and the
+"""gan/hardware.py: the device, the matmul precision (measured, cached), the conv weights' layout, and the
 CUDA-graph step (its logic, on the CPU: it trains exactly as the eager train_step)."""
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 import pytest
 import torch
@@ -61,32 +62,91 @@ def test_medium_matmul_precision_is_close_to_float32():
 REPO = Path(__file__).resolve().parents[1]
 
 
-CPUINFO_AMX = "flags\t\t: fpu sse2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+@pytest.fixture
+def precision_cache(tmp_path, monkeypatch):
+    """The precision cache in a fresh folder, and the measurement replaced by a stand-in that counts
+    its calls and returns the speed-up the test sets."""
+    path = tmp_path / "cache" / "matmul_precision.json"
+    monkeypatch.setattr(hardware, "precision_cache_path", lambda: path)
+    measured = {"speedup": 2.0, "calls": 0}
+
+    def fake_measurement(device, layers, **kwargs):
+        measured["calls"] += 1
+        return measured["speedup"]
+    monkeypatch.setattr(hardware, "medium_precision_speedup", fake_measurement)
+    return path, measured
 
 
-CPUINFO_NO_AMX = "flags\t\t: fpu sse2 avx512f avx512_bf16\n"
+LAYERS = hardware.mlp_step_layers({"batch_size": 4, "d_hidden": [12, 6], "g_hidden": [8, 16]})
 
 
-@pytest.mark.parametrize("cpuinfo, max_isa, expected", [
-    (CPUINFO_AMX, "", True),
-    (CPUINFO_AMX, "ALL", True),
-    (CPUINFO_AMX, "avx512_core_amx", True),
-    (CPUINFO_AMX, "AVX512_CORE_BF16", False),  # the cap that makes an AMX machine behave like one without
-    (CPUINFO_NO_AMX, "", False),
-    ("", "", False),
-])
-def test_amx_is_what_the_cpu_reports_unless_onednn_is_capped_below_it(cpuinfo, max_isa, expected):
-    assert hardware.cpu_has_amx(cpuinfo, max_isa) is expected
+def test_the_measured_layers_are_the_steps_largest():
+    # D's first two layers see a batch of real and one of fake images; G's last layer makes the pixels.
+    assert LAYERS == [(8, 784, 12), (8, 12, 6), (4, 16, 784)]
 
 
-def test_auto_precision_is_bfloat16_with_amx_or_on_a_gpu_and_float32_on_other_cpus():
-    cpu = torch.device("cpu")
-    assert hardware.resolve_matmul_precision("auto", cpu, amx=True)[0] == "medium"
-    precision, why = hardware.resolve_matmul_precision("auto", cpu, amx=False)
-    assert precision == "highest" and "no AMX" in why
-    assert hardware.resolve_matmul_precision("auto", torch.device("cuda"))[0] == "medium"
+@pytest.mark.parametrize("speedup, expected", [(2.6, "medium"), (1.25, "medium"), (1.2, "highest"), (0.9, "highest")])
+def test_auto_precision_takes_bfloat16_only_where_it_measured_clearly_faster(precision_cache, speedup, expected):
+    _, measured = precision_cache
+    measured["speedup"] = speedup
+    precision, why = hardware.resolve_matmul_precision("auto", torch.device("cpu"), LAYERS)
+    assert precision == expected
+    assert f"{speedup:.2f}x" in why and "measured now" in why  # the number it chose by, printed by the notebook
+
+
+def test_the_measurement_is_cached_per_machine_and_reused(precision_cache):
+    path, measured = precision_cache
+    first = hardware.resolve_matmul_precision("auto", torch.device("cpu"), LAYERS)
+    again = hardware.resolve_matmul_precision("auto", torch.device("cpu"), LAYERS)
+    assert measured["calls"] == 1 and first[0] == again[0] == "medium"
+    assert "measured earlier" in again[1] and str(path) in again[1]  # where to delete it to measure again
+    other_layers = hardware.mlp_step_layers({"batch_size": 4, "d_hidden": [24, 6], "g_hidden": [8, 16]})
+    hardware.resolve_matmul_precision("auto", torch.device("cpu"), other_layers)
+    assert measured["calls"] == 2 and len(json.loads(path.read_text())) == 2
+
+
+@pytest.mark.parametrize("content", ["{not json", '["a list"]', '{"key": "fast"}', '{"key": -1}'])
+def test_a_damaged_cache_is_measured_again_and_replaced(precision_cache, content, capsys):
+    path, measured = precision_cache
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    precision, why = hardware.resolve_matmul_precision("auto", torch.device("cpu"), LAYERS)
+    assert precision == "medium" and measured["calls"] == 1 and "measured now" in why
+    assert "ignoring the cached precision measurements" in capsys.readouterr().out
+    assert list(json.loads(path.read_text()).values()) == [2.0]
+
+
+def test_a_cache_that_cannot_be_written_costs_only_a_measurement_next_time(precision_cache, capsys):
+    path, measured = precision_cache
+    path.parent.write_text("a file where the cache folder should be")
+    assert hardware.resolve_matmul_precision("auto", torch.device("cpu"), LAYERS)[0] == "medium"
+    assert "could not cache the precision measurement" in capsys.readouterr().out
+
+
+def test_an_explicit_precision_and_networks_without_linear_layers_are_not_measured(precision_cache):
+    _, measured = precision_cache
     for explicit in ("highest", "high", "medium"):  # an explicit setting is never second-guessed
-        assert hardware.resolve_matmul_precision(explicit, cpu, amx=False) == (explicit, "as set")
+        assert hardware.resolve_matmul_precision(explicit, torch.device("cpu"), LAYERS) == (explicit, "as set")
+    precision, why = hardware.resolve_matmul_precision("auto", torch.device("cpu"))  # DCGAN: convolutions
+    assert precision == "highest" and "convolutions" in why
+    assert measured["calls"] == 0
+
+
+def test_the_real_measurement_times_both_precisions_and_leaves_the_random_stream_alone(monkeypatch):
+    seen, real_precision = [], hardware.float32_matmul_precision
+
+    def recording(precision):
+        seen.append(precision)
+        return real_precision(precision)
+    monkeypatch.setattr(hardware, "float32_matmul_precision", recording)
+    torch.manual_seed(5)
+    expected_next = torch.rand(1)
+    torch.manual_seed(5)
+    speedup = hardware.medium_precision_speedup(torch.device("cpu"), LAYERS, rounds=2, reps=2)
+    assert 0 < speedup < float("inf")
+    assert seen == ["highest", "medium"] * (2 * len(LAYERS))  # back to back per layer: passing load hits both alike
+    assert torch.equal(torch.rand(1), expected_next)
+    assert torch.get_float32_matmul_precision() == "highest"  # restored after measuring
 
 
 def small_settings(**changes):

@@ -219,13 +219,15 @@ def test_the_default_networks_are_the_same_on_every_device_and_cpu(monkeypatch):
         return (shapes(method.build_training_parts(mlp, device)),
                 shapes(dcgan.build_training_parts(conv, device, 3)))
 
-    by_flag = {}
-    for amx in (True, False):
-        monkeypatch.setattr(hardware, "cpu_has_amx", lambda *a, amx=amx, **k: amx)
-        by_flag[amx] = built("cpu")
-    assert by_flag[True] == by_flag[False]
-    assert built("meta") == by_flag[True]
-    widths = [shape[0] for k, shape in by_flag[True][0]["D"].items() if k.endswith("weight")]
+    by_cpu = {}
+    for cpu, speedup in (("Intel Xeon (AMX)", 2.6), ("AMD EPYC (AVX2 only)", 0.9)):
+        monkeypatch.setattr(hardware, "cpu_description", lambda *a, cpu=cpu, **k: cpu)
+        monkeypatch.setattr(hardware, "medium_precision_speedup", lambda *a, speedup=speedup, **k: speedup)
+        by_cpu[cpu] = built("cpu")
+    first, second = by_cpu.values()
+    assert first == second
+    assert built("meta") == first
+    widths = [shape[0] for k, shape in first[0]["D"].items() if k.endswith("weight")]
     assert widths == [768, 384, 192, 1]
 
 
