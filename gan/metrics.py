@@ -420,11 +420,11 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def inception_fid(samples: torch.Tensor, reference: torch.Tensor, batch_size: int = 500) -> float | str:
-    """FID on Inception-v3 features (torchmetrics, which needs the torch-fidelity package and
-    downloads the Inception weights on first use): comparable with published numbers, unlike the
-    reference classifier's FD. Returns the FID, or, when it cannot be computed here (no package, no
-    weights and no network), the reason in one line: a missing FID never stops a run."""
+def inception_fid(samples: torch.Tensor, reference: torch.Tensor, batch_size: int = 500) -> tuple[float | None, str | None]:
+    """(FID on Inception-v3 features, None), or (None, why it cannot be computed here) when the
+    torch-fidelity package or the Inception weights are missing (torchmetrics downloads them on first
+    use): comparable with published numbers, unlike the reference classifier's FD. A missing FID never
+    stops a run, and never puts an error text where a number belongs."""
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
         fid = FrechetInceptionDistance(feature=2048)  # uint8 images, as FID's reference code reads them
@@ -432,9 +432,9 @@ def inception_fid(samples: torch.Tensor, reference: torch.Tensor, batch_size: in
             for start in range(0, len(images), batch_size):
                 chunk = to_uint8(images[start:start + batch_size].cpu())
                 fid.update(chunk.expand(-1, 3, -1, -1), real=real)  # grey images as RGB
-        return float(fid.compute())
+        return float(fid.compute()), None
     except Exception as exc:  # noqa: BLE001 -- any failure means "not available here", said in one line
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'unavailable'}"
+        return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'unavailable'}"
 
 
 # --------------------------------------------------------------------------------------------

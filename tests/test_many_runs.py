@@ -52,7 +52,7 @@ def fake_run(run_dir, epochs_saved: int | None, evaluated_epochs: int | None = N
         runs.write_metrics_csv(run_dir / "metrics.csv", history)
     if evaluated_epochs is not None:
         row = {"fd": 0.5, "score": 9.2, "precision": 0.8, "recall": 0.81, "parzen_ll": 239.0,
-               **{f"frac_{d}": 0.1 for d in range(10)}, "inception_fid": "not computed here"}
+               **{f"frac_{d}": 0.1 for d in range(10)}, "inception_fid": None}
         runs.write_json(run_dir / "metrics.json", {"epochs": evaluated_epochs,
                                                    "results": {many_runs.ROW_NAMES[notebook]: row}})
 
@@ -97,7 +97,7 @@ def test_the_summary_has_mean_sd_per_setting_and_a_row_per_seed(tmp_path):
     assert first["score"] == (9.2, 0.0, 2) and first["seconds_to_score_9"] == (10.0, 0.0, 2)
     assert first["epoch_to_score_9"][0] == 1 and first["min_share"][0] == pytest.approx(0.1)
     assert summary.settings["lr_g=0.0004"]["score"][2] == 1  # n counts the runs that have the number
-    assert "inception_fid" not in summary.columns  # a reason, not a number: left out of the numbers
+    assert "inception_fid" not in summary.columns  # null in every run: no column of dashes
     paths = many_runs.write_summary(summary, tmp_path)
     text = paths["markdown"].read_text()
     assert "| lr_g=0.0002 | 2/2 | 239.0 ± 0.0 |" in text and "| lr_g=0.0004 | 1/2 | 239.0 |" in text

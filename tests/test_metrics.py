@@ -215,6 +215,14 @@ def test_uint8_images_for_inception_round_to_the_nearest_level():
     assert gm.to_uint8(torch.tensor([-1.5, 1.5])).tolist() == [0, 255]
 
 
+def test_an_inception_fid_that_cannot_be_computed_is_null_with_its_reason(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "torchmetrics.image.fid", None)  # as on a machine without the package
+    images = torch.zeros(4, 3, 32, 32)
+    value, reason = gm.inception_fid(images, images)
+    assert value is None and reason.startswith(("ImportError", "ModuleNotFoundError")) and "\n" not in reason
+
+
 def test_time_to_quality_names_the_first_epoch_at_each_level():
     history = [{"epoch": 1, "train_seconds": 30.0, "score": 7.5},
                {"epoch": 2, "train_seconds": 60.0},  # an epoch without scores (metrics_every > 1)
