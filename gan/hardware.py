@@ -1,12 +1,11 @@
 """Choices made by the hardware at hand, none of which changes what a step computes.
 
-* The CPU: `cpu_description` (the model, AMX / AVX-512 / AVX2 only, any cap), which
-  every run records in config.json so that its times name the machine.
+* The CPU: `cpu_description` (the model, AMX / AVX-512 / AVX2 only, any cap), which every run
+  records in config.json so that its times name the machine.
 * `resolve_matmul_precision`: what `matmul_precision = "auto"` means here: bfloat16 matmuls where a
-  second's measurement of the step's own layers (`medium_precision_speedup`, cached per machine by
-  `measured_speedup`) finds them clearly faster than float32, as on a CPU with AMX or a GPU; else
-  float32. Nothing here
-  changes the networks: they are the same on every machine.
+  second's timing of the step's own layers (`medium_precision_speedup`, cached per machine by
+  `measured_speedup`) finds them clearly faster than float32, as on a CPU with AMX; else float32.
+  Nothing here changes the networks: they are the same on every machine.
 * `conv_memory_format`: the layout of a convolutional network's weights (channels_last on a CPU).
 * `pick_device`, `adam_kernel` (fused Adam where it exists), `float32_matmul_precision` (the block
   the training runs in).

@@ -18,16 +18,20 @@ and writes the figures as JSON.
     python scripts/benchmark.py --device cuda --matmul-precision high   # a GPU, with TF32 matmuls
     python scripts/benchmark.py --dcgan --data-dir /path/to/data   # DCGAN.ipynb against pytorch/examples' DCGAN
     python scripts/benchmark.py --score-epochs 0                   # (a), (b), (c) only: skip the timed training run
+    python scripts/benchmark.py --quick                            # only the `make run` time to expect here (about a minute)
     python scripts/benchmark.py --device cuda --cuda-graphs        # (a) replayed from CUDA graphs
 """
 
 from __future__ import annotations
 
+import time
+
+STARTED = time.perf_counter()  # --quick counts the start-up (imports, data) as part of a run
+
 import argparse
 import os
 import tempfile
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: gan/ and gan_utils.py
@@ -38,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 import gan_utils as gu
+from gan import metrics as gm
 from gan import dcgan, hardware, image_data, mnist_data, runs, settings
 from gan import vanilla_gan as method
 from gan.errors import ParameterError
@@ -221,6 +226,44 @@ def time_to_score_line(t: dict) -> str:
             f"({t['train_seconds_run'] / 60:.1f} min; best {t['best_score']:.2f})\n")
 
 
+def quick_estimate(cfg: dict, data, device: torch.device, seconds: float) -> dict:
+    """--quick: the `make run` time to expect on this machine, from a timing of each part a run has
+    (none of it extrapolated from another machine): the step for `seconds`, one end-of-epoch scoring
+    (the BatchNorm recalibration and the scores of `metrics_samples` samples), and the final
+    evaluation's real-image row at full size (the run's own row costs about as much); the start-up
+    is this process's own, to the data loaded. The closing cells (plots, GIF, export) are not timed."""
+    from gan.mnist_classifier import load_classifier
+    startup = time.perf_counter() - STARTED
+    with hardware.float32_matmul_precision(cfg["matmul_precision"]):
+        step = time_notebook_step(cfg, data.train_x, seconds)
+    classifier = load_classifier(device=device)
+    G = build_models(cfg, device)[0]
+    started = time.perf_counter()
+    ref = gm.reference_stats(classifier, data.test_x)
+    reference_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    method.recalibrate_batchnorm(G, cfg["latent_dim"], seed=cfg["seed"])
+    gm.quick_scores(classifier, gu.generate_images(G, cfg["metrics_samples"], cfg["latent_dim"], seed=1), ref)
+    score_seconds = time.perf_counter() - started if cfg["metrics_every"] else 0.0
+    started = time.perf_counter()
+    gm.reference_row(data, classifier, n=cfg["eval_samples"]) if cfg["eval_samples"] else None
+    row_seconds = time.perf_counter() - started
+    epochs = cfg["epochs"]
+    epoch_seconds = (len(data.train_x) // cfg["batch_size"]) * cfg["batch_size"] / step["images_per_s"]
+    parts = {"start-up (imports, data, reference statistics)": startup + reference_seconds,
+             "training": epochs * epoch_seconds,
+             "per-epoch scores": epochs // max(cfg["metrics_every"], 1) * score_seconds,
+             "final evaluation (two rows)": 2 * row_seconds}
+    return {"epochs": epochs, "epoch_seconds": epoch_seconds, "score_seconds": score_seconds,
+            "parts_seconds": parts, "total_seconds": sum(parts.values()), "notebook_step": step}
+
+
+def quick_lines(q: dict) -> str:
+    return ("".join(f"  {name:<48} {seconds / 60:6.1f} min\n" for name, seconds in q["parts_seconds"].items())
+            + f"  expected `make run` time here: about {q['total_seconds'] / 60:.0f} min ({q['epochs']} epochs of "
+              f"{q['epoch_seconds']:.1f} s; the closing plots and the install not counted)\n")
+
+
 def peak_memory_mb(device: torch.device) -> dict:
     out = {"peak_rss_mb": gu.peak_rss_mb()}
     if device.type == "cuda":
@@ -304,7 +347,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--data-dir", default=os.environ.get(mnist_data.DATA_DIR_ENV, "data"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the notebook's")
-    parser.add_argument("--seconds", type=float, default=20.0, help="timing window per pipeline")
+    parser.add_argument("--seconds", type=float, default=None, help="timing window per pipeline (default 20; 5 with --quick)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of the naive pipeline")
     parser.add_argument("--r1-gamma", type=float, default=None, help="override the notebook's (0: no R1 step)")
     parser.add_argument("--r1-every", type=int, default=None, help="override the notebook's steps between R1 steps")
@@ -321,8 +364,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--g-hidden", type=int, nargs="+", default=None, metavar="WIDTH", help="override the notebook's")
     parser.add_argument("--d-hidden", type=int, nargs="+", default=None, metavar="WIDTH",
                         help="override the notebook's (768 384 192; most reimplementations: 1024 512 256)")
+    parser.add_argument("--quick", action="store_true",
+                        help="only print the `make run` time to expect here: each part of a run timed briefly "
+                             "(about a minute in all; --seconds defaults to 5)")
     parser.add_argument("--out", default="runs/benchmark.json")
     args = parser.parse_args(argv)
+    if args.seconds is None:
+        args.seconds = 5.0 if args.quick else 20.0
     if args.dcgan:
         return dcgan_main(args)
 
@@ -350,6 +398,14 @@ def main(argv=None) -> dict:
     cfg["matmul_precision"], precision_reason = hardware.resolve_matmul_precision(
         precision_setting, device, hardware.mlp_step_layers(cfg))
     data = mnist_data.load_mnist(args.data_dir, device=device, download=True)
+    if args.quick:
+        q = quick_estimate(cfg, data, device, args.seconds)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        runs.write_json(args.out, {"device": str(device), "threads": torch.get_num_threads(), "cpu": hardware.cpu_description(),
+                                   "matmul_precision": cfg["matmul_precision"], "quick": q})
+        print(f"device {device} ({hardware.cpu_description()}), {torch.get_num_threads()} threads, matmul precision "
+              f"{cfg['matmul_precision']} ({precision_reason})\n" + quick_lines(q) + f"  written to {args.out}")
+        return {"quick": q}
 
     peak = matmul_peak_gflops(device)  # plain float32: the yardstick whatever (a) runs at
     reduced = cfg["matmul_precision"] != "highest"

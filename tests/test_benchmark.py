@@ -116,3 +116,23 @@ def test_step_flop_count_of_the_old_widths():
     # The count above against the figure counted for the first benchmark (D 1024-512-256): 28.97 MFLOP.
     plain, _ = step_matmul_flops({"latent_dim": 100, "g_hidden": [256, 512, 1024], "d_hidden": [1024, 512, 256]})
     assert plain == 28_975_104
+
+
+def test_quick_estimate_adds_up_the_timed_parts_of_a_run(data_dir):
+    import benchmark
+    from gan import mnist_data
+
+    data = mnist_data.load_mnist(data_dir, train_subset=640)
+    cfg = {**method.notebook_parameters(), "batch_size": 64, "d_hidden": [64, 32], "g_hidden": [32, 64],
+           "epochs": 7, "metrics_samples": 200, "eval_samples": 100, "matmul_precision": "highest"}
+    q = benchmark.quick_estimate(cfg, data, torch.device("cpu"), seconds=0.2)
+    parts = q["parts_seconds"]
+    assert all(seconds > 0 for seconds in parts.values())
+    assert parts["training"] == pytest.approx(7 * q["epoch_seconds"])
+    assert q["epoch_seconds"] == pytest.approx(640 / q["notebook_step"]["images_per_s"])  # ten steps of 64
+    assert parts["per-epoch scores"] == pytest.approx(7 * q["score_seconds"])
+    assert q["total_seconds"] == pytest.approx(sum(parts.values()))
+    text = benchmark.quick_lines(q)
+    assert f"about {q['total_seconds'] / 60:.0f} min" in text and "7 epochs" in text
+    no_scores = benchmark.quick_estimate({**cfg, "metrics_every": 0, "eval_samples": 0}, data, torch.device("cpu"), 0.2)
+    assert no_scores["parts_seconds"]["per-epoch scores"] == 0 and no_scores["parts_seconds"]["final evaluation (two rows)"] < 0.1
