@@ -3,7 +3,7 @@
 * The CPU: `cpu_description` (the model, AMX / AVX-512 / AVX2 only, any cap), which every run
   records in config.json so that its times name the machine.
 * `resolve_matmul_precision`: what `matmul_precision = "auto"` means here: bfloat16 matmuls where a
-  second's timing of the step's own layers (`medium_precision_speedup`, cached per machine by
+  few seconds' timing of the step's own layers (`medium_precision_speedup`, cached per machine by
   `measured_speedup`) finds them clearly faster than float32, as on a CPU with AMX; else float32.
   Nothing here changes the networks: they are the same on every machine.
 * `conv_memory_format`: the layout of a convolutional network's weights (channels_last on a CPU).
@@ -79,8 +79,8 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def medium_precision_speedup(device: torch.device, layers: list[tuple[int, int, int]], rounds: int = 5,
-                             reps: int = 5) -> float:
+def medium_precision_speedup(device: torch.device, layers: list[tuple[int, int, int]], rounds: int = 4,
+                             reps: int = 3) -> float:
     """How many times faster these linear layers train (forward, and the backward to input and weight,
     as in the step) at `matmul_precision = "medium"` (bfloat16 products on a CPU, TF32 or bfloat16 on
     a GPU) than in plain float32, summed over the layers. Each layer is timed at both precisions back
@@ -140,7 +140,7 @@ def _read_speedups(path: Path) -> dict:
 
 def measured_speedup(device: torch.device, layers) -> tuple[float, str]:
     """(medium_precision_speedup for these layers on this machine, where it came from): measured once
-    per machine (about a second) and cached in the user's cache directory."""
+    per machine (a few seconds: 7 s on one thread of a slow 2-core VM) and cached in the user's cache directory."""
     path, key = precision_cache_path(), _machine_key(device, layers)
     cached = _read_speedups(path)
     if key in cached:

@@ -60,7 +60,7 @@ def notebook_parameters() -> dict:
     eval_samples = 10000       # samples for the final evaluation (as in the paper); 0 skips it
 
     # --- speed ---
-    matmul_precision = "auto"  # "auto": bfloat16 matmuls where a one-second timing finds them 1.25x faster (AMX CPUs: 1.5x faster steps), else float32; or "highest", "high", "medium"
+    matmul_precision = "auto"  # "auto": bfloat16 matmuls where a few seconds' timing finds them 1.25x faster (AMX CPUs: 1.5x faster steps), else float32; or "highest", "high", "medium"
     cuda_graphs = False        # True: on a CUDA GPU, replay each training step as a CUDA graph (no Python or launch overhead; not yet timed on a GPU)
     return {name: value for name, value in locals().items() if name != "os"}
 

@@ -74,8 +74,10 @@ def test_the_local_engines_runs_equal_make_runs_and_finished_runs_are_not_run_ag
 def test_ctrl_c_saves_every_run_and_the_same_command_resumes_the_set(tmp_path, data_env):
     out = tmp_path / "many"
     command = [sys.executable, "scripts/run_many.py", *many(out, "1", {"epochs": 5, "eval_samples": 0})]
+    # Its own process group with SIGINT handled, as a terminal's foreground job has it (a test suite
+    # started in the background by a non-interactive shell would pass SIGINT down ignored).
     driver = subprocess.Popen(command, cwd=REPO_ROOT, env=data_env, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)  # its own process group, as a terminal's foreground job
+                              start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run_dir = out / "defaults" / "seed_0"
     deadline = time.monotonic() + 240
     while many_runs.epochs_done(run_dir) < 1 and driver.poll() is None and time.monotonic() < deadline:
