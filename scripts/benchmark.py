@@ -18,7 +18,7 @@ and writes the figures as JSON.
     python scripts/benchmark.py --device cuda --matmul-precision high   # a GPU, with TF32 matmuls
     python scripts/benchmark.py --dcgan --data-dir /path/to/data   # DCGAN.ipynb against pytorch/examples' DCGAN
     python scripts/benchmark.py --score-epochs 0                   # (a), (b), (c) only: skip the timed training run
-    python scripts/benchmark.py --quick                            # only the `make run` time to expect here (about a minute)
+    python scripts/benchmark.py --quick                            # only the `make run` time to expect here (minutes: mostly one evaluation row)
     python scripts/benchmark.py --device cuda --cuda-graphs        # (a) replayed from CUDA graphs
 """
 
@@ -246,7 +246,8 @@ def quick_estimate(cfg: dict, data, device: torch.device, seconds: float) -> dic
     gm.quick_scores(classifier, gu.generate_images(G, cfg["metrics_samples"], cfg["latent_dim"], seed=1), ref)
     score_seconds = time.perf_counter() - started if cfg["metrics_every"] else 0.0
     started = time.perf_counter()
-    gm.reference_row(data, classifier, n=cfg["eval_samples"]) if cfg["eval_samples"] else None
+    if cfg["eval_samples"]:
+        gm.reference_row(data, classifier, n=cfg["eval_samples"])
     row_seconds = time.perf_counter() - started
     epochs = cfg["epochs"]
     epoch_seconds = (len(data.train_x) // cfg["batch_size"]) * cfg["batch_size"] / step["images_per_s"]
@@ -366,7 +367,7 @@ def main(argv=None) -> dict:
                         help="override the notebook's (768 384 192; most reimplementations: 1024 512 256)")
     parser.add_argument("--quick", action="store_true",
                         help="only print the `make run` time to expect here: each part of a run timed briefly "
-                             "(about a minute in all; --seconds defaults to 5)")
+                             "(2-3 minutes on a 2-core CPU, most of it one row of the final evaluation; --seconds defaults to 5)")
     parser.add_argument("--out", default="runs/benchmark.json")
     args = parser.parse_args(argv)
     if args.seconds is None:
