@@ -150,7 +150,7 @@ def measured_speedup(device: torch.device, layers) -> tuple[float, str]:
     from gan.runs import write_json  # here, not at the top: gan.runs imports this module
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, {**_read_speedups(path), key: speedup})
+        write_json(path, {**cached, key: speedup})
     except OSError as exc:  # a read-only home: measured again next time, nothing else lost
         print(f"note: could not cache the precision measurement in {path} ({exc})")
     return speedup, f"measured now in {time.perf_counter() - started:.1f} s"
@@ -162,7 +162,7 @@ def resolve_matmul_precision(precision: str, device: torch.device, layers=None) 
     "auto" times the step's own linear `layers` ((rows, inputs, outputs), e.g. mlp_step_layers) in
     float32 and at "medium" (bfloat16 products with float32 accumulation on a CPU; TF32 or bfloat16 on
     a GPU) on this machine, and takes "medium" where it trains them at least
-    MEDIUM_PRECISION_MIN_SPEEDUP times as fast: 2-3x on a CPU with AMX, about 0.9x on an AVX-512 BF16
+    MEDIUM_PRECISION_MIN_SPEEDUP times as fast: 1.9-2.5x on a CPU with AMX, about 0.9x on an AVX-512 BF16
     CPU without AMX (docs/experiments.md). Networks without linear layers (DCGAN's convolutions) have
     nothing it would change: float32.
     """
