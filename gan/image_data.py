@@ -447,7 +447,7 @@ def _foreign_owner(st: os.stat_result) -> bool:
     return hasattr(os, "getuid") and st.st_uid != os.getuid()
 
 
-def _distrust(path: Path) -> str | None:
+def distrust(path: Path) -> str | None:
     """Why the cache at `path` is not to be read, or None: another user could have planted it (their
     own file) or rewritten it (a file others may write to), with a key computed from the listing."""
     st = path.stat()
@@ -484,13 +484,13 @@ def _misfit(blob: dict, record: dict, image_size: int) -> str | None:
 
 
 def _read_cache(path: Path, key: str, record: dict, image_size: int) -> torch.Tensor | None:
-    """The images of the cache at `path` when it exists, is trusted (`_distrust`), matches `key` and
+    """The images of the cache at `path` when it exists, is trusted (`distrust`), matches `key` and
     fits the listing `record` (`_misfit`); None otherwise, with a one-line note unless it is simply
     missing or stale."""
     if not path.is_file():
         return None
     try:
-        reason = _distrust(path)
+        reason = distrust(path)
         if reason is None:
             # mmap: only the small header is read to compare keys; the images are copied out if it fits.
             blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -515,7 +515,7 @@ def _cache_mode(folder: Path) -> int:
     return (folder.stat().st_mode & 0o444) | 0o200
 
 
-def _write_cache(path: Path, blob: dict, mode: int = 0o600) -> None:
+def write_cache_file(path: Path, blob: dict, mode: int = 0o600) -> None:
     """torch.save to a temporary file beside `path`, then os.replace: never half a cache. The file
     gets `mode` before it takes the final name, so it is never readable by more than that."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -618,7 +618,7 @@ def _store(blob: dict, candidates: list[Path], explicit: bool, mode: int) -> Pat
             if path.exists() and _foreign_owner(path.stat()):  # replacing it would destroy their file
                 errors.append(f"{path}: belongs to another user")
                 continue
-            _write_cache(path, blob, mode)
+            write_cache_file(path, blob, mode)
             return path
         except OSError as exc:
             errors.append(f"{path}: {exc}")

@@ -36,7 +36,8 @@ QUALITY_LEVELS = {"Vanilla_GAN.ipynb": ("score", (9.0,)), "DCGAN.ipynb": ("fd", 
 ROW_NAMES = {"Vanilla_GAN.ipynb": "GAN (this run)", "DCGAN.ipynb": "DCGAN (this run)"}
 # The columns of the table, in order, with how many decimals they are shown with.
 METRIC_DIGITS = {"parzen_ll": 1, "fd": 2, "kid_mean": 4, "score": 2, "precision": 3, "recall": 3,
-                 "min_share": 3, "max_share": 3, "nn_ratio": 2, "inception_fid": 2}
+                 "min_share": 3, "max_share": 3, "nn_ratio": 2, "inception_fid": 2,
+                 "inception_kid_mean": 4}
 
 
 @dataclass

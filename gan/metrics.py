@@ -415,26 +415,9 @@ def image_evaluation(samples: torch.Tensor, reference: torch.Tensor, nn_images: 
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Model-range images [-1, 1] to 0..255, rounded to the nearest level (torchmetrics'
-    normalize=True truncates instead: every pixel half a level low on average)."""
+    """Model-range images [-1, 1] to 0..255, rounded to the nearest level, as Inception metrics read
+    images (torchmetrics' normalize=True truncates instead: every pixel half a level low on average)."""
     return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-def inception_fid(samples: torch.Tensor, reference: torch.Tensor, batch_size: int = 500) -> tuple[float | None, str | None]:
-    """(FID on Inception-v3 features, None), or (None, why it cannot be computed here) when the
-    torch-fidelity package or the Inception weights are missing (torchmetrics downloads them on first
-    use): comparable with published numbers, unlike the reference classifier's FD. A missing FID never
-    stops a run, and never puts an error text where a number belongs."""
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        fid = FrechetInceptionDistance(feature=2048)  # uint8 images, as FID's reference code reads them
-        for images, real in ((reference, True), (samples, False)):
-            for start in range(0, len(images), batch_size):
-                chunk = to_uint8(images[start:start + batch_size].cpu())
-                fid.update(chunk.expand(-1, 3, -1, -1), real=real)  # grey images as RGB
-        return float(fid.compute()), None
-    except Exception as exc:  # noqa: BLE001 -- any failure means "not available here", said in one line
-        return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'unavailable'}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,8 +442,9 @@ def _pm(value, error, digits: int) -> str:
     return f"{value:.{digits}f} ± {error:.{digits}f}"
 
 
-def _table_cells(metrics: dict) -> list[str]:
-    """One row's cells after the model name; '-' for metrics the dict does not have."""
+def _table_cells(metrics: dict, inception: bool = False) -> list[str]:
+    """One row's cells after the model name (with `inception`, the Inception FID and KID last); '-' for
+    metrics the dict does not have or that are null."""
     def get(*keys):
         return None if any(metrics.get(k) is None for k in keys) else [metrics[k] for k in keys]
 
@@ -475,23 +459,29 @@ def _table_cells(metrics: dict) -> list[str]:
         f"{metrics['recall']:.3f}" if get("recall") else "-",
         f"{min(fracs):.3f} / {max(fracs):.3f}" if fracs else "-",
     ]
+    if inception:
+        cells += [f"{metrics['inception_fid']:.2f}" if get("inception_fid") else "-",
+                  f"{metrics['inception_kid_mean']:.4f} ± {metrics['inception_kid_std']:.4f}"
+                  if get("inception_kid_mean", "inception_kid_std") else "-"]
     return cells
 
 
-def results_table(rows: dict, paper: bool = True, share: str = "digit") -> str:
+def results_table(rows: dict, paper: bool = True, share: str = "digit", inception: bool = False) -> str:
     """Markdown table: the paper's Table 1 (Parzen only; `paper`) followed by `rows` ({name: metrics
     dict}, e.g. from full_evaluation and reference_row). Without `paper` (colour images) there is no
-    Parzen column; `share` names what the last column counts. The Samples column: Parzen and FD
-    depend on how many images a row scores (a real row cut by train_subset scores fewer)."""
+    Parzen column; `share` names what the share column counts; `inception` adds the Inception FID and
+    KID (gan/inception.py: published units). The Samples column: Parzen and FD depend on how many
+    images a row scores (a real row cut by train_subset scores fewer)."""
     def without_parzen(cells):
         return cells if paper else cells[:2] + cells[3:]
 
     header = without_parzen(["Model", "Samples", "Parzen LL (nats, ± s.e.)", "FD", "KID (mean ± sd of 100 subsets)",
                              "Score", "Precision", "Recall", f"min/max {share} share"])
+    header += ["Inception FID", "Inception KID (mean ± sd)"] if inception else []
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     if paper:
         for name, (ll, se) in PAPER_TABLE1.items():
-            lines.append("| " + " | ".join([f"{name} (paper)", "-", _pm(ll, se, 1)] + ["-"] * 6) + " |")
+            lines.append("| " + " | ".join([f"{name} (paper)", "-", _pm(ll, se, 1)] + ["-"] * (len(header) - 3)) + " |")
     for name, metrics in rows.items():
-        lines.append("| " + " | ".join(without_parzen([name] + _table_cells(metrics))) + " |")
+        lines.append("| " + " | ".join(without_parzen([name] + _table_cells(metrics, inception))) + " |")
     return "\n".join(lines)

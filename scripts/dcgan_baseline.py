@@ -13,8 +13,10 @@ original prints every step). Nothing of this project's speed or quality work is 
 trains for --seconds of training time (the clock stops while it scores), scores 2,000 samples every
 --score-every seconds (a time-to-quality curve), then 10,000 samples: Frechet distance, KID,
 precision/recall, classifier score and class shares on the CIFAR-10 reference classifier, against
-the test folder's images, downsampled to 32x32 as DCGAN.ipynb does for 64-pixel runs. `step_pipeline`
-is what benchmark.py times against the notebook's step.
+the test folder's images, downsampled to 32x32 as DCGAN.ipynb does for 64-pixel runs; and, as the
+notebook's `inception_metrics` decides (--inception auto: on a CUDA GPU only), the Inception FID and
+KID of those 32x32 samples against the same test images (gan/inception.py). `step_pipeline` is what
+benchmark.py times against the notebook's step.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 import torch.nn as nn
 
 import gan_utils as gu
-from gan import cifar_classifier, image_data, runs
+from gan import cifar_classifier, image_data, inception, runs
 from gan import metrics as gm
 
 
@@ -134,6 +136,8 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-samples", type=int, default=10000)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (pytorch/examples' default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inception", choices=("auto", "on", "off"), default="auto",
+                   help="Inception FID and KID: auto = on a CUDA GPU only (25-35 min for 10,000 samples on a 2-core CPU)")
     p.add_argument("--out", default="runs/dcgan_baseline.json")
     a = p.parse_args(argv)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # before training: a bad path fails now, not after it
@@ -160,8 +164,12 @@ def main(argv=None) -> dict:
             next_score += a.score_every
     samples = recipe.samples(a.eval_samples, a.seed + 4)
     final = gm.image_evaluation(to_32(samples), reference_images, None, classifier)  # no memorisation check
+    setting = {"auto": "auto", "on": True, "off": False}[a.inception]
+    rows, not_computed = inception.final_rows({"baseline": to_32(samples)}, {}, reference_images, recipe.device, setting,
+                                              turn_on="pass --inception on")
+    final.update(rows["baseline"])
     result = {"args": vars(a), "train_seconds": clock.elapsed(), "images_seen": images,
-              "epochs_seen": images / len(loader.dataset), "curve": curve, "final": final}
+              "epochs_seen": images / len(loader.dataset), "curve": curve, "final": final, "not_computed": not_computed}
     runs.write_json(a.out, result)
     gu.save_grid(samples[:64], Path(a.out).with_suffix(".png"))
     print(json.dumps(final), flush=True)

@@ -462,14 +462,14 @@ def test_read_only_folder_caches_in_the_user_cache(tmp_path, private_user_cache,
 def test_failed_write_falls_back_too(tmp_path, private_user_cache, monkeypatch):
     """A folder that claims to be writable but refuses the write (e.g. a read-only mount)."""
     folder = make_folder(tmp_path / "f")
-    real = idt._write_cache
+    real = idt.write_cache_file
 
     def refuse_inside(path, blob, mode):
         if path == idt.beside_cache_path(folder, 8):
             raise PermissionError(13, "Permission denied", str(path))
         real(path, blob, mode)
 
-    monkeypatch.setattr(idt, "_write_cache", refuse_inside)
+    monkeypatch.setattr(idt, "write_cache_file", refuse_inside)
     idt.load_image_folder(folder, 8, progress=False)
     assert len(list(private_user_cache.glob("f-*-8px.pt"))) == 1
 
@@ -530,7 +530,7 @@ def planted(cache: Path, change: str) -> None:
         blob["images"] = blob["images"].float()
     else:
         blob["labels"] = torch.tensor([2, 1, 0, 0])
-    idt._write_cache(cache, blob, 0o600)
+    idt.write_cache_file(cache, blob, 0o600)
 
 
 @pytest.mark.parametrize("change", ["shape", "dtype", "labels"])
@@ -601,7 +601,7 @@ def test_old_cache_format_counts_as_stale(tmp_path, counting_decoder):
     cache = idt.beside_cache_path(folder, 8)
     blob = torch.load(cache, weights_only=True)
     blob["format"] = "image-folder-cache/1"
-    idt._write_cache(cache, blob, 0o644)
+    idt.write_cache_file(cache, blob, 0o644)
     counting_decoder.clear()
     idt.load_image_folder(folder, 8, progress=False)
     assert counting_decoder and torch.load(cache, weights_only=True)["format"] == idt.CACHE_FORMAT
