@@ -122,12 +122,18 @@ def test_a_folder_too_small_for_the_final_scores_is_refused_before_training(dcga
 
 def test_a_flat_folder_without_classes_trains_and_is_scored_without_class_metrics(dcgan_runs, tiny_cifar,
                                                                                   tmp_path_factory):
-    """The folder-of-faces case: images straight in the folder, no classes. FD, KID, precision and
-    recall every epoch and at the end; no classifier score or class shares (they would mean nothing)."""
+    """The folder-of-faces case (anime faces): 64x64 images straight in the folder, no classes, trained at
+    64 px. FD, KID, precision and recall every epoch and at the end; no classifier score or class shares
+    (they would mean nothing)."""
+    from PIL import Image
+
     folder = tmp_path_factory.mktemp("faces")
     for i, f in enumerate(sorted((tiny_cifar / "train").rglob("*.jpg"))[:64]):
-        shutil.copyfile(f, folder / f"{i:02d}.jpg")  # class folders may repeat a file name
-    run = dcgan_runs(dataset=str(folder), batch_size=16, epochs=2, metrics_samples=32, eval_samples=32).check()
+        Image.open(f).resize((64, 64), Image.BICUBIC).save(folder / f"{i:02d}.png")  # class folders may repeat a name
+    run = dcgan_runs(dataset=str(folder), image_size=64, batch_size=16, epochs=2, metrics_samples=32,
+                     eval_samples=32).check()
+    assert json.loads((run.run_dir / "config.json").read_text())["image_size"] == 64
+    assert torch.export.load(str(run.run_dir / "generator.pt2")).module()(torch.randn(2, 100)).shape == (2, 3, 64, 64)
     rows = metrics_rows(run.run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2] and all(math.isfinite(float(r["fd"])) for r in rows)
     assert all("score" not in r for r in rows)
