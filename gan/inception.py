@@ -161,12 +161,23 @@ def _read_chunk(path: Path, key: str, n: int) -> torch.Tensor | None:
     return None
 
 
+def _canonical_order(images: torch.Tensor) -> torch.Tensor:
+    """The indices that sort `images` by the hash of each image's bytes: the same set of images in any
+    order falls into the same chunks (the notebook shuffles its test images; the check does not)."""
+    flat = images.reshape(len(images), -1).contiguous().numpy()
+    digests = [hashlib.sha256(row.tobytes()).digest() for row in flat]
+    return torch.tensor(sorted(range(len(images)), key=digests.__getitem__), dtype=torch.long)
+
+
 def cached_features(images: torch.Tensor, device: torch.device, what: str = "reference images") -> torch.Tensor:
-    """Features of reference `images` (uint8), computed once per machine: chunk by chunk, each cached
-    in cache_dir() under a hash of its images, so a stopped computation resumes where it stopped."""
+    """Features of reference `images` (uint8), in their order, computed once per machine: chunk by chunk
+    of the images in a canonical order, each chunk cached in cache_dir() under a hash of its images, so
+    a stopped computation resumes where it stopped and a reordered set finds its cache."""
+    images = images.cpu()
+    order = _canonical_order(images)
     chunks = []
     for start in range(0, len(images), CHUNK):
-        chunk = images[start:start + CHUNK].cpu()
+        chunk = images[order[start:start + CHUNK]]
         key = _chunk_key(chunk)
         path = cache_dir() / f"{key[:32]}.pt"
         found = _read_chunk(path, key, len(chunk))
@@ -179,7 +190,9 @@ def cached_features(images: torch.Tensor, device: torch.device, what: str = "ref
                 print(f"note: could not cache Inception features in {path.parent} ({exc.strerror or exc}); "
                       "they will be computed again next time")
         chunks.append(found)
-    return torch.cat(chunks)
+    out = torch.empty(len(images), FEATURES)
+    out[order] = torch.cat(chunks) if chunks else out[:0]
+    return out
 
 
 def fid_kid(sample_features: torch.Tensor, reference_features: torch.Tensor) -> dict:
@@ -214,9 +227,11 @@ def _duration(seconds: float) -> str:
 
 def _uncached(images: torch.Tensor) -> int:
     """How many of reference `images` have no cached features yet."""
+    images = images.cpu()
+    order = _canonical_order(images)
     missing = 0
     for start in range(0, len(images), CHUNK):
-        chunk = images[start:start + CHUNK].cpu()
+        chunk = images[order[start:start + CHUNK]]
         key = _chunk_key(chunk)
         if _read_chunk(cache_dir() / f"{key[:32]}.pt", key, len(chunk)) is None:
             missing += len(chunk)

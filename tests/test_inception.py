@@ -97,6 +97,9 @@ def test_reference_features_are_computed_once_and_resume_by_chunk(fake_network):
     next(p for p in sorted(inception.cache_dir().iterdir())).unlink()
     inception.cached_features(images, CPU)
     assert len(fake_network) == 4 and inception._uncached(images) == 0
+    # The same images in another order (the notebook shuffles its test images): all found, in that order.
+    flipped = inception.cached_features(images.flip(0), CPU)
+    assert len(fake_network) == 4 and torch.equal(flipped, first.flip(0))
 
 
 def test_a_damaged_or_writable_by_others_cache_is_not_read(fake_network, capsys):
