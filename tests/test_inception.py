@@ -123,6 +123,12 @@ def test_rows_are_numbers_when_on_and_nulls_with_reasons_when_off(fake_network, 
     rows, not_computed = inception.final_rows({"model": images}, {"real": brighter}, images, CPU, True)
     assert set(rows) == {"model", "real"} and set(not_computed) == {"inception_score"}
     assert abs(rows["model"]["inception_fid"]) < 1e-6 < rows["real"]["inception_fid"]  # the same images, then others
+    # A network file that fails its checksum when it is loaded: nulls with that reason, the run goes on.
+    def refuse(*args):
+        raise inception.InceptionUnavailable("not the published network")
+    monkeypatch.setattr(inception, "evaluation", refuse)
+    rows, not_computed = inception.final_rows({"model": images}, {}, images, CPU, True)
+    assert rows["model"]["inception_fid"] is None and not_computed["inception_fid"] == "not the published network"
     rows, not_computed = inception.final_rows({"model": images}, {}, images, CPU, False)
     assert rows == {"model": {"inception_fid": None, "inception_kid_mean": None, "inception_kid_std": None}}
     assert not_computed["inception_fid"] == not_computed["inception_kid"] == "off (inception_metrics = False)"
