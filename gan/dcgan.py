@@ -59,7 +59,7 @@ def notebook_parameters() -> dict:
     metrics_samples = 2000
     eval_samples = 10000       # samples for the final evaluation; 0 skips it
     inception_metrics = "auto" # Inception FID and KID (published units) in the final table: "auto" on a CUDA GPU only; True on a
-                               # CPU too (25-35 min for 10,000 samples on 2 cores, and once per machine the test images); False
+                               # CPU too (20-35 min for 10,000 samples on 2 cores, and once per machine the test images); False
 
     # --- speed ---
     matmul_precision = "auto"  # as in Vanilla_GAN.ipynb; it sets matmuls only, and these networks are all convolutions (float32 on a CPU either way)

@@ -226,7 +226,7 @@ def reason_off(setting, device: torch.device, turn_on: str = "set inception_metr
     except InceptionUnavailable as exc:
         return str(exc)
     if setting == "auto" and device.type != "cuda":
-        return ("off on a CPU by default (inception_metrics = 'auto'): 5.7 GFLOP an image, 25-35 min for "
+        return ("off on a CPU by default (inception_metrics = 'auto'): 5.7 GFLOP an image, 20-35 min for "
                 f"10,000 samples on a 2-core CPU; {turn_on} to compute it")
     return None
 

@@ -110,7 +110,7 @@ DCGAN_PARAMETER_RULES = {
     "g_width": (_positive_int, "an integer >= 1 (channels of G's last hidden layer)"),
     "d_width": (_positive_int, "an integer >= 1 (channels of D's first layer)"),
     "inception_metrics": (lambda v: v == "auto" or _is_bool(v),
-                          "'auto' (on a CUDA GPU only), True (on a CPU too: 25-35 min for 10,000 samples on 2 cores) or False"),
+                          "'auto' (on a CUDA GPU only), True (on a CPU too: 20-35 min for 10,000 samples on 2 cores) or False"),
 }
 
 

@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (pytorch/examples' default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--inception", choices=("auto", "on", "off"), default="auto",
-                   help="Inception FID and KID: auto = on a CUDA GPU only (25-35 min for 10,000 samples on a 2-core CPU)")
+                   help="Inception FID and KID: auto = on a CUDA GPU only (20-35 min for 10,000 samples on a 2-core CPU)")
     p.add_argument("--out", default="runs/dcgan_baseline.json")
     a = p.parse_args(argv)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # before training: a bad path fails now, not after it
