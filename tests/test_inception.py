@@ -73,7 +73,7 @@ def test_the_network_gives_the_published_graphs_pool_features():
 
 @pytest.fixture
 def fake_network(monkeypatch, tmp_path):
-    """The feature cache in tmp_path, and for features the images' pixels (zero-padded to 2048), with
+    """The feature cache in tmp_path, and for features the images' pixels (zero-padded to 64), with
     the size of each batch computed recorded."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     computed = []
@@ -85,6 +85,7 @@ def fake_network(monkeypatch, tmp_path):
 
     monkeypatch.setattr(inception, "features", fake_features)
     monkeypatch.setattr(inception, "CHUNK", 4)
+    monkeypatch.setattr(inception, "FEATURES", 64)  # FID's eigen-decompositions of 2048 x 2048 would take seconds
     return computed
 
 
