@@ -235,38 +235,64 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
-def evaluation(samples: dict, real: dict, reference: torch.Tensor, device: torch.device) -> dict:
-    """{row name: inception_fid, inception_kid_mean, inception_kid_std} against `reference`, for the
-    model-range images of each row: `samples` (generated, scored every time) and `real` (real images,
-    their features cached like the reference's). Says its cost before it starts."""
+def _training_features(training: list[torch.Tensor] | None, device: torch.device) -> tuple[torch.Tensor | None, str | None]:
+    """(features, None) of the training images, given as the uint8 parts they are cached in; or (None,
+    why not): on a CPU only when every part is cached already (scripts/inception_check.py caches
+    CIFAR-10's), as 50,000 images would take about 2 hours there."""
+    if training is None:
+        return None, "the training images were not given (without a test split, the reference images are training images)"
+    missing = sum(_uncached(part) for part in training)
+    if missing and device.type != "cuda":
+        return None, (f"{missing:,} of the {sum(len(p) for p in training):,} training images have no cached "
+                      "features on this machine (about 2 hours of CPU for CIFAR-10's 50,000): "
+                      "python scripts/inception_check.py computes and caches them once")
+    return torch.cat([cached_features(part, device, "training images") for part in training]), None
+
+
+def evaluation(samples: dict, real: dict, reference: torch.Tensor, device: torch.device,
+               training: list[torch.Tensor] | None = None) -> tuple[dict, dict]:
+    """({row name: inception_fid, inception_kid_mean, inception_kid_std}, {metric: why not}) against
+    `reference`, for the model-range images of each row: `samples` (generated, scored every time) and
+    `real` (real images, their features cached like the reference's). The sample rows also get
+    inception_fid_train, against the uint8 `training` parts (_training_features). Says its cost first."""
     to_uint8 = {name: metrics.to_uint8(images) for name, images in {**samples, **real}.items()}
     reference = metrics.to_uint8(reference)
     todo = sum(len(to_uint8[n]) for n in samples) + sum(_uncached(to_uint8[n]) for n in real) + _uncached(reference)
+    if training is not None and device.type == "cuda":
+        todo += sum(_uncached(part) for part in training)
     per_image = seconds_per_image(device)
     print(f"Inception metrics: {todo:,} images through the 299-px network, about {_duration(todo * per_image)} "
           f"here ({1 / per_image:.1f} images/s; cached reference features are reused)", flush=True)
     reference_f = cached_features(reference, device, "reference images")
+    training_f, training_off = _training_features(training, device)
     out = {}
     for name, images in to_uint8.items():
         f = (features(images, device, progress=f"Inception features of {name}") if name in samples
              else cached_features(images, device, name))
         out[name] = fid_kid(f, reference_f)
-    return out
+        if name in samples:
+            out[name]["inception_fid_train"] = (metrics.frechet_distance_features(f, training_f)
+                                                if training_f is not None else None)
+    return out, ({"inception_fid_train": training_off} if training_off else {})
 
 
 def final_rows(samples: dict, real: dict, reference: torch.Tensor, device: torch.device, setting,
-               turn_on: str = "set inception_metrics = True") -> tuple[dict, dict]:
+               turn_on: str = "set inception_metrics = True",
+               training: list[torch.Tensor] | None = None) -> tuple[dict, dict]:
     """(rows, not_computed): the Inception metrics of each row (numbers, or None where they are off or
-    unavailable) and the reasons for what is not computed, for metrics.json's "not_computed"."""
+    unavailable) and the reasons for what is not computed, for metrics.json's "not_computed". The
+    FID against the whole training set needs `training`, its uint8 images in the parts they are
+    cached in (DCGAN.ipynb: its real row's images, then the rest)."""
     off = reason_off(setting, device, turn_on)
-    names = list(samples) + list(real)
+    not_computed = {"inception_score": NO_INCEPTION_SCORE}
     if off is None:
         try:
-            rows = evaluation(samples, real, reference, device)
+            rows, notes = evaluation(samples, real, reference, device, training)
+            not_computed.update(notes)
         except InceptionUnavailable as exc:  # a network file that fails its checksum: the run's other numbers stand
             off = str(exc)
-    not_computed = {"inception_score": NO_INCEPTION_SCORE}
     if off is not None:
-        rows = {name: {"inception_fid": None, "inception_kid_mean": None, "inception_kid_std": None} for name in names}
-        not_computed.update(inception_fid=off, inception_kid=off)
+        nulls = {"inception_fid": None, "inception_kid_mean": None, "inception_kid_std": None}
+        rows = {name: {**nulls, "inception_fid_train": None} for name in samples} | {name: dict(nulls) for name in real}
+        not_computed.update(inception_fid=off, inception_kid=off, inception_fid_train=off)
     return rows, not_computed

@@ -460,7 +460,7 @@ def _table_cells(metrics: dict, inception: bool = False) -> list[str]:
         f"{min(fracs):.3f} / {max(fracs):.3f}" if fracs else "-",
     ]
     if inception:
-        cells += [f"{metrics['inception_fid']:.2f}" if get("inception_fid") else "-",
+        cells += [" / ".join(f"{metrics[k]:.2f}" if get(k) else "-" for k in ("inception_fid", "inception_fid_train")),
                   f"{metrics['inception_kid_mean']:.4f} ± {metrics['inception_kid_std']:.4f}"
                   if get("inception_kid_mean", "inception_kid_std") else "-"]
     return cells
@@ -469,15 +469,16 @@ def _table_cells(metrics: dict, inception: bool = False) -> list[str]:
 def results_table(rows: dict, paper: bool = True, share: str = "digit", inception: bool = False) -> str:
     """Markdown table: the paper's Table 1 (Parzen only; `paper`) followed by `rows` ({name: metrics
     dict}, e.g. from full_evaluation and reference_row). Without `paper` (colour images) there is no
-    Parzen column; `share` names what the share column counts; `inception` adds the Inception FID and
-    KID (gan/inception.py: published units). The Samples column: Parzen and FD depend on how many
-    images a row scores (a real row cut by train_subset scores fewer)."""
+    Parzen column; `share` names what the share column counts; `inception` adds the Inception FID
+    (against the test and the training images) and KID (gan/inception.py: published units). The
+    Samples column: Parzen and FD depend on how many images a row scores (a real row cut by
+    train_subset scores fewer)."""
     def without_parzen(cells):
         return cells if paper else cells[:2] + cells[3:]
 
     header = without_parzen(["Model", "Samples", "Parzen LL (nats, ± s.e.)", "FD", "KID (mean ± sd of 100 subsets)",
                              "Score", "Precision", "Recall", f"min/max {share} share"])
-    header += ["Inception FID", "Inception KID (mean ± sd)"] if inception else []
+    header += ["Inception FID (test / train)", "Inception KID (mean ± sd)"] if inception else []
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     if paper:
         for name, (ll, se) in PAPER_TABLE1.items():

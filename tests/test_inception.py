@@ -122,8 +122,10 @@ def test_rows_are_numbers_when_on_and_nulls_with_reasons_when_off(fake_network, 
     images = torch.rand(64, 3, 4, 4) * 2 - 1
     brighter = (images + 0.5).clamp(-1, 1)
     rows, not_computed = inception.final_rows({"model": images}, {"real": brighter}, images, CPU, True)
-    assert set(rows) == {"model", "real"} and set(not_computed) == {"inception_score"}
+    assert set(rows) == {"model", "real"} and "inception_fid" not in not_computed
     assert abs(rows["model"]["inception_fid"]) < 1e-6 < rows["real"]["inception_fid"]  # the same images, then others
+    assert rows["model"]["inception_fid_train"] is None and "inception_fid_train" not in rows["real"]
+    assert "training images were not given" in not_computed["inception_fid_train"]
     # A network file that fails its checksum when it is loaded: nulls with that reason, the run goes on.
     def refuse(*args):
         raise inception.InceptionUnavailable("not the published network")
@@ -131,5 +133,20 @@ def test_rows_are_numbers_when_on_and_nulls_with_reasons_when_off(fake_network, 
     rows, not_computed = inception.final_rows({"model": images}, {}, images, CPU, True)
     assert rows["model"]["inception_fid"] is None and not_computed["inception_fid"] == "not the published network"
     rows, not_computed = inception.final_rows({"model": images}, {}, images, CPU, False)
-    assert rows == {"model": {"inception_fid": None, "inception_kid_mean": None, "inception_kid_std": None}}
+    assert rows == {"model": {"inception_fid": None, "inception_kid_mean": None, "inception_kid_std": None,
+                              "inception_fid_train": None}}
     assert not_computed["inception_fid"] == not_computed["inception_kid"] == "off (inception_metrics = False)"
+
+
+def test_the_fid_against_the_training_set_is_computed_on_a_cpu_only_from_cached_features(fake_network, monkeypatch):
+    monkeypatch.setattr(inception, "seconds_per_image", lambda device: 0.1)
+    torch.manual_seed(0)
+    samples = torch.rand(64, 3, 4, 4) * 2 - 1
+    parts = list(inception.metrics.to_uint8(torch.rand(80, 3, 4, 4) * 2 - 1).split(40))
+    rows, not_computed = inception.final_rows({"model": samples}, {}, samples, CPU, True, training=parts)
+    assert rows["model"]["inception_fid_train"] is None
+    assert "80 of the 80 training images have no cached features" in not_computed["inception_fid_train"]
+    for part in parts:  # as scripts/inception_check.py caches them
+        inception.cached_features(part, CPU)
+    rows, not_computed = inception.final_rows({"model": samples}, {}, samples, CPU, True, training=parts)
+    assert rows["model"]["inception_fid_train"] > 0 and "inception_fid_train" not in not_computed

@@ -216,11 +216,12 @@ def test_uint8_images_for_inception_round_to_the_nearest_level():
 
 
 def test_the_colour_table_can_end_with_the_inception_columns():
-    row = {"n_samples": 10000, "fd": 3.2, "inception_fid": 41.234, "inception_kid_mean": 0.03, "inception_kid_std": 0.001}
+    row = {"n_samples": 10000, "fd": 3.2, "inception_fid": 41.234, "inception_fid_train": 39.0,
+           "inception_kid_mean": 0.03, "inception_kid_std": 0.001}
     lines = gm.results_table({"Ours": row, "Off": {"fd": 5.0, "inception_fid": None}}, paper=False,
                              share="class", inception=True).splitlines()
-    assert lines[0].endswith("| min/max class share | Inception FID | Inception KID (mean ± sd) |")
-    assert lines[2].endswith("| 41.23 | 0.0300 ± 0.0010 |") and lines[3].endswith("| - | - |")  # null: a dash
+    assert lines[0].endswith("| min/max class share | Inception FID (test / train) | Inception KID (mean ± sd) |")
+    assert lines[2].endswith("| 41.23 / 39.00 | 0.0300 ± 0.0010 |") and lines[3].endswith("| - / - | - |")  # null: a dash
     assert all(line.count("|") == lines[0].count("|") for line in lines)
 
 
