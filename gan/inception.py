@@ -77,7 +77,7 @@ def load_network(device: str = "cpu") -> torch.jit.ScriptModule:
 
 
 def tf_resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
-    """(n_out, n_in) weights of TF1's `resize_bilinear` (align_corners=False, no half-pixel centres),
+    """(n_out, n_in) float64 weights of TF1's `resize_bilinear` (align_corners=False, no half-pixel centres),
     which the published statistics were made with: output pixel i reads input coordinate i * n_in / n_out
     (PyTorch's bilinear would read (i + 0.5) * n_in / n_out - 0.5), the last pixel repeated past the edge."""
     src = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
@@ -87,19 +87,20 @@ def tf_resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
     weights = torch.zeros(n_out, n_in, dtype=torch.float64)
     weights[torch.arange(n_out), low] += 1 - frac
     weights[torch.arange(n_out), high] += frac
-    return weights.float()
+    return weights
 
 
 def network_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 images (N, 1 or 3, H, W) -> the network's input (N, 3, 299, 299): TF's bilinear resize of
     the 0..255 values, then (x - 128) / 128 as in TF's graph. Grey images are repeated into RGB."""
-    x = images.float()
+    # float64: a float32 matmul could run in bfloat16 under matmul_precision = "medium" (3 digits of 255).
+    x = images.double()
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    rows = tf_resize_matrix(x.shape[2], INPUT_SIZE).to(x.device)
-    cols = tf_resize_matrix(x.shape[3], INPUT_SIZE).to(x.device)
+    rows = tf_resize_matrix(x.shape[2], INPUT_SIZE).to(x.device, torch.float64)
+    cols = tf_resize_matrix(x.shape[3], INPUT_SIZE).to(x.device, torch.float64)
     x = rows @ x @ cols.T  # separable: rows, then columns
-    return (x - 128) / 128
+    return ((x - 128) / 128).float()
 
 
 def batch_size_for(device: torch.device) -> int:

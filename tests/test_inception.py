@@ -22,7 +22,7 @@ def tf_resize_by_grid(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def test_the_resize_is_tf1s_bilinear():
     x = torch.rand(2, 3, 32, 32) * 255
-    rows = inception.tf_resize_matrix(32, 299)
+    rows = inception.tf_resize_matrix(32, 299).float()
     assert torch.allclose(rows @ x @ rows.T, tf_resize_by_grid(x, 299), atol=1e-3)
     # Output pixel i reads input coordinate i * in / out: 2 -> 4 pixels gives a, (a+b)/2, b, b.
     assert inception.tf_resize_matrix(2, 4).tolist() == [[1, 0], [0.5, 0.5], [0, 1], [0, 1]]
@@ -34,6 +34,17 @@ def test_the_network_input_is_tf_scaled_rgb_at_299():
     assert x.shape == (3, 3, 299, 299)
     for image, want in zip(x, (-1.0, 0.0, 127 / 128)):  # (x - 128) / 128
         assert torch.allclose(image, torch.tensor(want), atol=1e-5)
+
+
+def test_the_network_input_ignores_a_bfloat16_matmul_setting():
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    exact = inception.network_input(images)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")  # what matmul_precision = "medium" sets for training
+        assert torch.equal(inception.network_input(images), exact)
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_an_unknown_network_file_is_refused_before_it_runs(monkeypatch, tmp_path):
