@@ -172,9 +172,8 @@ def _canonical_order(images: torch.Tensor) -> torch.Tensor:
     return torch.tensor(sorted(range(len(images)), key=digests.__getitem__), dtype=torch.long)
 
 
-def _chunks(images: torch.Tensor):
-    """(start, chunk, key, cache path) for each chunk of reference `images` in their canonical order."""
-    order = _canonical_order(images)
+def _chunks(images: torch.Tensor, order: torch.Tensor):
+    """(start, chunk, key, cache path) for each chunk of reference `images` in their canonical `order`."""
     for start in range(0, len(images), CHUNK):
         chunk = images[order[start:start + CHUNK]]
         key = _chunk_key(chunk)
@@ -186,8 +185,9 @@ def cached_features(images: torch.Tensor, device: torch.device, what: str = "ref
     of the images in a canonical order, each chunk cached in cache_dir() under a hash of its images, so
     a stopped computation resumes where it stopped and a reordered set finds its cache."""
     images = images.cpu()
+    order = _canonical_order(images)
     chunks = []
-    for start, chunk, key, path in _chunks(images):
+    for start, chunk, key, path in _chunks(images, order):
         found = _read_chunk(path, key, len(chunk))
         if found is None:
             found = features(chunk, device, progress=f"Inception features of the {what} "
@@ -199,13 +199,15 @@ def cached_features(images: torch.Tensor, device: torch.device, what: str = "ref
                       "they will be computed again next time")
         chunks.append(found)
     out = torch.empty(len(images), FEATURES)
-    out[_canonical_order(images)] = torch.cat(chunks) if chunks else out[:0]
+    out[order] = torch.cat(chunks) if chunks else out[:0]
     return out
 
 
 def _uncached(images: torch.Tensor) -> int:
     """How many of reference `images` have no cached features yet."""
-    return sum(len(chunk) for _, chunk, key, path in _chunks(images.cpu()) if _read_chunk(path, key, len(chunk)) is None)
+    images = images.cpu()
+    return sum(len(chunk) for _, chunk, key, path in _chunks(images, _canonical_order(images))
+               if _read_chunk(path, key, len(chunk)) is None)
 
 
 def fid_kid(sample_features: torch.Tensor, reference_features: torch.Tensor) -> dict:
