@@ -214,7 +214,9 @@ def test_sigterm_to_plain_papermill_saves_the_last_epoch_before_the_kernel_goes(
     # must save the epochs since its last checkpoint (here: none was due before epoch 100) first.
     run_dir = tmp_path / "run"
     proc = NotebookProcess(tmp_path / "work", data_dir, run_dir, epochs=40, checkpoint_every=100)
-    assert proc.wait_for(lambda: (run_dir / "grids" / "epoch_002.png").exists()), proc.log.name
+    # Epoch 3's grid, not epoch 2's: an epoch draws its grid before it is complete (snapshot taken),
+    # so only the next epoch's grid shows that epoch 2 can no longer be rolled back.
+    assert proc.wait_for(lambda: (run_dir / "grids" / "epoch_003.png").exists()), proc.log.name
     assert not proc.ckpt.exists()
     proc.proc.send_signal(signal.SIGTERM)
     proc.proc.wait(timeout=30)
