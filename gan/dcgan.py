@@ -36,6 +36,7 @@ def notebook_parameters() -> dict:
 
     # --- training ---
     epochs = 25                # CIFAR-10 at 32 px, widths 32: a lower FD than the pytorch/examples recipe trained as long (docs/experiments.md)
+    train_minutes = 26         # fewer epochs where these would take longer (timed on the first epoch): 13 on a 2-core AVX2-only CPU, to end in 30 min; 0: all
     batch_size = 64            # DCGAN's 128 halved: twice the steps per epoch, for a short run
     d_steps = 1                # discriminator steps per generator step (k in Algorithm 1)
     lr_g = 4e-4                # twice DCGAN's 2e-4: with the EMA of G, 25 epochs reach a lower FD and every class above 5% (docs/experiments.md)

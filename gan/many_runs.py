@@ -97,6 +97,8 @@ def plan(notebook: str, seeds: list[int], grid: dict[str, list], parameters: dic
         raise ParameterError(f"{', '.join(clashes)} cannot be set for a set of runs: the seeds are --seeds, and each "
                              "run's directory, resume and overwrite are chosen per run (<out>/<setting>/seed_<k>/)")
     defaults = settings.notebook_defaults(rules)
+    if "train_minutes" in defaults:  # every run trains its epochs: a set compared by seed cannot stop each where its machine's speed says
+        parameters = {"train_minutes": 0, **parameters}
     planned = []
     for combination in itertools.product(*grid.values()):
         values = dict(zip(grid, combination))

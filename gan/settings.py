@@ -109,6 +109,7 @@ DCGAN_PARAMETER_RULES = {
     "image_size": (lambda v: v in (32, 64), "32 or 64 (pixels)"),
     "g_width": (_positive_int, "an integer >= 1 (channels of G's last hidden layer)"),
     "d_width": (_positive_int, "an integer >= 1 (channels of D's first layer)"),
+    "train_minutes": (_non_negative_number, "a number of minutes >= 0; 0 trains every one of `epochs`"),
     "inception_metrics": (lambda v: v == "auto" or _is_bool(v),
                           "'auto' (on a CUDA GPU only), True (on a CPU too: 20-35 min for 10,000 samples on 2 cores) or False"),
 }
@@ -389,6 +390,20 @@ def nothing_to_train_message(epochs: int, epochs_done: int) -> str | None:
     if epochs > epochs_done:
         return None
     return (f"nothing to train: epochs ({epochs}) <= epochs done ({epochs_done}); raise epochs to continue")
+
+
+def epochs_that_fit(epochs: int, train_minutes: float, first_epoch_seconds: float) -> tuple[int, str | None]:
+    """How many of `epochs` fit in `train_minutes` at the pace of a fresh run's first epoch (its steps
+    and its scores), at least 1, with the line that says so; (epochs, None) when all fit or
+    train_minutes is 0. No setting of the step depends on the number of epochs, so a run cut to N
+    epochs is the first N epochs of the full run."""
+    fit = max(1, int(train_minutes * 60 // first_epoch_seconds)) if train_minutes else epochs
+    if fit >= epochs:
+        return epochs, None
+    return fit, (f"training {fit} of the {epochs} epochs: the first took {first_epoch_seconds:.0f} s on this machine, so "
+                 f"{epochs} would take {epochs * first_epoch_seconds / 60:.0f} min, more than train_minutes = "
+                 f"{train_minutes:g}. To train all {epochs}: set train_minutes = 0 (-p train_minutes 0), or resume "
+                 f"this run later with -p epochs {epochs}.")
 
 
 # Where and how a run computes, not what it trains: a resumed run takes these as they are set now

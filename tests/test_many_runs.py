@@ -22,6 +22,9 @@ def test_a_grid_times_seeds_plans_one_directory_per_run(tmp_path):
     assert planned[0].setting == "lr_g=0.0002 batch_size=64" and planned[5].name == "lr_g=0.0004 batch_size=64, seed 2"
     plain = many_runs.plan("DCGAN.ipynb", [3], {}, {}, tmp_path)
     assert plain[0].run_dir == tmp_path / "defaults" / "seed_3" and plain[0].epochs == 25  # DCGAN's default
+    # Seeds compared with each other train the same epochs, wherever they run: no stop by train_minutes.
+    assert plain[0].parameters["train_minutes"] == 0
+    assert many_runs.plan("DCGAN.ipynb", [3], {}, {"train_minutes": 9}, tmp_path)[0].parameters["train_minutes"] == 9
 
 
 def test_list_values_and_paths_are_typed_by_the_notebooks_rules():

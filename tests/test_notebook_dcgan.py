@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gan import runs
-from conftest import REPO_ROOT, execute_cached, metrics_rows, names_used_before_defined
+from conftest import REPO_ROOT, execute_cached, metrics_rows, names_used_before_defined, notebook_text
 
 DCGAN = REPO_ROOT / "DCGAN.ipynb"
 # 8 steps an epoch on 256 images in batches of 32; 100 reference images: seconds per run on 2 cores.
@@ -85,6 +85,15 @@ def test_resume_equals_training_straight(run, dcgan_runs, tmp_path, data_dir, ti
     for key in ("G", "D", "G_ema"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
+
+
+def test_a_run_too_slow_for_train_minutes_trains_the_epochs_that_fit_and_says_so(dcgan_runs):
+    straight = dcgan_runs(epochs=3, eval_samples=0).check()
+    cut = dcgan_runs(epochs=3, eval_samples=0, train_minutes=1e-6).check()  # less than any epoch takes
+    assert "training 1 of the 3 epochs" in notebook_text(cut.nb) and "train_minutes = 0" in notebook_text(cut.nb)
+    assert metrics_rows(cut.run_dir) == metrics_rows(straight.run_dir)[:1]  # the full run's first epoch
+    saved = runs.load_checkpoint(cut.run_dir / "checkpoint.pt")
+    assert saved["epoch"] == 1 and saved["config"]["epochs"] == 1  # finished: a resume trains on only when asked
 
 
 def test_mnist_at_32_pixels_trains_with_one_channel(dcgan_runs):

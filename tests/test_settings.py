@@ -356,3 +356,19 @@ def test_defaults_of_both_notebooks_fit_a_small_laptop(defaults):
 def test_checked_refuses_a_size_too_large_for_the_memory(defaults):
     with pytest.raises(errors.ParameterError, match="too large for this machine's memory"):
         settings.checked({**defaults, "eval_samples": 10 ** 12})
+
+
+@pytest.mark.parametrize("minutes, seconds, fits", [
+    (0, 1000.0, 25),   # 0: no limit
+    (25, 59.0, 25),    # 25 epochs of 59 s fit in 25 min
+    (25, 110.0, 13),   # an AVX2-only laptop: 13 epochs of 110 s
+    (1, 3600.0, 1),    # never fewer than the epoch already trained
+])
+def test_the_epochs_that_fit_in_train_minutes(minutes, seconds, fits):
+    epochs, note = settings.epochs_that_fit(25, minutes, seconds)
+    assert epochs == fits
+    if fits == 25:
+        assert note is None
+    else:  # says what it did, why, and how to train them all
+        assert f"training {fits} of the 25 epochs" in note and f"{seconds:.0f} s" in note
+        assert "train_minutes = 0" in note and "-p epochs 25" in note
