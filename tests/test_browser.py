@@ -163,6 +163,7 @@ ALL_STATES_JS = f"() => {CELLS}.map({CELL_STATE})"
 PIXELS_JS = """(i) => {
   const imgs = document.querySelectorAll('.jp-Notebook .jp-Cell')[i].querySelectorAll('.jp-OutputArea img');
   const img = imgs[imgs.length - 1];
+  if (!img || !img.complete || img.naturalWidth === 0) return null;  // replaced, not yet decoded
   const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
   const g = c.getContext('2d'); g.drawImage(img, 0, 0);
   const d = g.getImageData(0, 0, c.width, c.height).data; let h = 0;
@@ -346,11 +347,13 @@ def assert_explorer_responds(notebook: Notebook, name: str) -> None:
     box = track.bounding_box()
     track.click(position={"x": box["width"] * 0.9, "y": box["height"] / 2})
     deadline = time.monotonic() + 20
-    while notebook.page.evaluate(PIXELS_JS, i) == before and time.monotonic() < deadline:
+    after = before
+    while after in (before, None) and time.monotonic() < deadline:  # None: the new picture is still decoding
         time.sleep(0.2)
-    after = notebook.page.evaluate(PIXELS_JS, i)
+        after = notebook.page.evaluate(PIXELS_JS, i)
     notebook.screenshot(i, name)
-    assert after[:2] == before[:2] and after != before, f"the explorer's picture did not change: {before} -> {after}"
+    assert after is not None and after[:2] == before[:2] and after != before, \
+        f"the explorer's picture did not change: {before} -> {after}"
 
 
 # --------------------------------------------------------------------------------------------
