@@ -661,6 +661,10 @@ class _ParentPidHeld(int):
 
 def _ipykernel_parent_poller():
     """The running ipykernel's parent poller, or None (not in a kernel, or a kernel without one)."""
+    # A kernel has imported ipykernel long before; importing it in a script would switch every later
+    # tqdm.auto bar of that process to a notebook widget (tqdm looks for ipykernel's modules).
+    if "ipykernel.kernelapp" not in sys.modules:
+        return None
     try:
         from ipykernel.kernelapp import IPKernelApp
         from ipykernel.parentpoller import ParentPollerUnix

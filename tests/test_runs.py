@@ -794,6 +794,19 @@ def test_ipykernels_parent_check_is_held_while_saving():
     assert int(held) == 12345 and (os.getppid() != int(held))
 
 
+def test_outside_a_kernel_the_training_loops_guard_leaves_progress_bars_as_text():
+    # tqdm.auto draws a notebook widget once ipykernel is imported; a script that trains (sweep.py,
+    # benchmark.py) must keep its text bars, so the guard never imports ipykernel itself.
+    script = ("import sys; from gan import runs\n"
+              "with runs.interrupted_when_orphaned(): pass\n"
+              "from tqdm.auto import tqdm\n"
+              "for _ in tqdm(range(3), desc='bar-as-text'): pass\n"
+              "print('ipykernel' in ' '.join(sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False" and "bar-as-text" in out.stderr and "3/3" in out.stderr
+
+
 def test_interrupts_during_the_block_are_held_until_it_is_done():
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     said, steps = [], []
