@@ -127,9 +127,29 @@ def test_on_a_cluster_a_failed_run_is_reported_and_the_others_finish(tmp_path, d
     assert "| train_subset=10 | 0 |" in (out / "summary.md").read_text()  # the seeds' rows: nothing for it
 
 
+@pytest.mark.parametrize("threads", [None, 2])
+def test_a_run_on_the_local_engine_has_make_runs_environment_not_dasks(tmp_path, threads, monkeypatch):
+    # Dask (on import, and its nanny for each worker) sets one thread per library and
+    # MALLOC_TRIM_THRESHOLD_=65536 (glibc then returns memory after every step: DCGAN's step 1.4-2x
+    # slower). A run must not inherit them: it gets what `make run` gets from a shell without them.
+    names = ("MALLOC_TRIM_THRESHOLD_", *many_runs.THREAD_VARIABLES)
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    probe = [sys.executable, "-c", f"import json, os; print(json.dumps({{n: os.environ.get(n) for n in {names!r}}}))"]
+    client = run_many.connect(None, 1)
+    try:
+        log = tmp_path / "run.log"
+        assert client.submit(many_runs.run_one, probe, str(log), threads, "stop-probe").result()["returncode"] == 0
+    finally:
+        client.close()
+        client.cluster.close()
+    seen = json.loads(log.read_text().strip().splitlines()[-1])
+    assert seen == {"MALLOC_TRIM_THRESHOLD_": None, **{n: threads and str(threads) for n in many_runs.THREAD_VARIABLES}}
+
+
 def test_by_default_one_run_at_a_time_takes_every_core(monkeypatch):
     # On 2 cores two 1-thread runs at once trained fewer images in all than one 2-thread run
-    # (docs/many_runs.md), so more at once is asked for, and then the cores are split between them.
+    # (docs/many_runs.md); more at once only when asked for, with the cores split between them.
     monkeypatch.setattr(run_many, "cores", lambda: 8)
     assert run_many.split_cores(None, None, n_runs=5) == (1, 8)
     assert run_many.split_cores(4, None, n_runs=5) == (4, 2)
