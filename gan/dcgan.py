@@ -44,6 +44,7 @@ def notebook_parameters() -> dict:
     beta1 = 0.5                # DCGAN's beta1 (0.9 oscillated in the paper)
     beta2 = 0.999              # Adam's beta2 (Adam's default, as in DCGAN)
     g_loss = "non_saturating"  # "non_saturating" or "minimax" (log(1 - D(G(z))), the paper's original)
+    loss = "bce"               # the game: "bce" (the paper's; G's loss as g_loss says), "hinge" or "least_squares" (Vanilla_GAN.ipynb, The losses)
     label_smoothing = 0.0      # one-sided: D's target for real images is 1 - this
     r1_gamma = 0.1             # R1 penalty on D at real images (in place of DCGAN's BatchNorm in D); 0 turns it off
     r1_every = 4               # steps between the lazy R1 steps

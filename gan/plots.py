@@ -27,17 +27,23 @@ def _save_and_show(fig, path: str | os.PathLike) -> None:
     plt.show()
 
 
-def plot_training(history: list[dict], path: str | os.PathLike) -> None:
-    """Losses and D's outputs per epoch, with their values at the game's equilibrium (D(x) =
-    D(G(z)) = 1/2, D loss 2 log 2)."""
+# (D loss, D's output) where G's samples cannot be told from real images (D(x) = D(G(z)) for every
+# image), for each game: BCE D = 1/2 and loss 2 log 2; hinge score 0 and loss 2; least squares 1/2 and 1/4.
+EQUILIBRIUM = {"bce": (2 * math.log(2), 0.5), "hinge": (2.0, 0.0), "least_squares": (0.25, 0.5)}
+
+
+def plot_training(history: list[dict], path: str | os.PathLike, loss: str = "bce") -> None:
+    """Losses and D's outputs per epoch (probabilities in the BCE game, raw scores in the others), with
+    their values at the game's equilibrium."""
     epochs_axis = [row["epoch"] for row in history]
+    d_loss_there, d_out_there = EQUILIBRIUM[loss]
     fig, (ax_loss, ax_d) = plt.subplots(1, 2, figsize=(11, 3.5))
     for key, label in (("d_loss", "D loss"), ("g_loss", "G loss")):
         ax_loss.plot(epochs_axis, [row[key] for row in history], label=label)
-    ax_loss.axhline(2 * math.log(2), color="grey", ls=":", label="D loss at equilibrium")
+    ax_loss.axhline(d_loss_there, color="grey", ls=":", label="D loss at equilibrium")
     for key, label in (("d_x", "D(x)"), ("d_g_z", "D(G(z))")):
         ax_d.plot(epochs_axis, [row[key] for row in history], label=label)
-    ax_d.axhline(0.5, color="grey", ls=":")
+    ax_d.axhline(d_out_there, color="grey", ls=":")
     for ax, title in ((ax_loss, "losses"), (ax_d, "discriminator outputs")):
         ax.set(xlabel="epoch", title=title)
         ax.legend()

@@ -58,6 +58,8 @@ def _is_str(v):
 # The values of torch.set_float32_matmul_precision (notebook parameter `matmul_precision`), and "auto":
 # chosen by a timing on the machine itself (hardware.resolve_matmul_precision).
 MATMUL_PRECISIONS = ("auto", "highest", "high", "medium")
+# The game's losses (Vanilla_GAN.ipynb, "The losses"): the paper's binary cross-entropy, hinge, least squares.
+LOSSES = ("bce", "hinge", "least_squares")
 
 # name -> (check, the allowed values in words). The notebook's parameters cell holds the defaults.
 PARAMETER_RULES = {
@@ -78,7 +80,9 @@ PARAMETER_RULES = {
                  "in make run's PARAMS: -p d_hidden '[1024, 512, 256]' (papermill itself: -y 'd_hidden: [1024, 512, 256]')"),
     "g_batchnorm": (_is_bool, "True or False"),
     "d_dropout": (_unit_interval_open, "a number in [0, 1)"),
-    "g_loss": (lambda v: v in ("non_saturating", "minimax"), "'non_saturating' or 'minimax'"),
+    "g_loss": (lambda v: v in ("non_saturating", "minimax"),
+               "'non_saturating' or 'minimax' (the hinge and least-squares games: the setting `loss`)"),
+    "loss": (lambda v: v in LOSSES, "'bce' (the paper's game), 'hinge' or 'least_squares'"),
     "d_steps": (_positive_int, "an integer >= 1"),
     "label_smoothing": (lambda v: _unit_interval_open(v) and v < 0.5, "a number in [0, 0.5)"),
     "r1_gamma": (_non_negative_number, "a number >= 0; 0 turns the penalty off"),
@@ -129,7 +133,7 @@ RETIRED_PARAMETERS = {
 
 # Settings added later, with the value that training had before them: a checkpoint that predates one
 # trained with that value (retired_settings() says when it continues with another).
-VALUE_BEFORE_SETTING = {"beta2": 0.999}
+VALUE_BEFORE_SETTING = {"beta2": 0.999, "loss": "bce"}
 
 
 def rules_for(notebook: str | Path) -> dict:
@@ -248,11 +252,27 @@ def validate_parameters(config: dict, rules: dict = PARAMETER_RULES) -> None:
         check, allowed = rules[name]
         if not check(value):
             problems.append(f"{name} = {value!r} is not allowed: use {allowed}")
+    problems += _loss_conflicts(config)
     if config.get("resume") and not Path(config["resume"]).expanduser().is_file():
         problems.append(f"resume = {config['resume']!r}: no such file; use '' to start afresh or "
                         "the path of a run's checkpoint.pt")
     if problems:
         raise ParameterError("bad parameters:\n  - " + "\n  - ".join(problems))
+
+
+def _loss_conflicts(config: dict) -> list[str]:
+    """Settings that only the BCE game reads, set with another `loss` (they would be silently ignored)."""
+    loss = config.get("loss", "bce")
+    if loss == "bce" or loss not in LOSSES:
+        return []
+    problems = []
+    if config.get("g_loss", "non_saturating") != "non_saturating":
+        problems.append(f"g_loss = {config['g_loss']!r} is a loss of the BCE game; loss = {loss!r} has its own "
+                        "for G: set loss = 'bce' or g_loss = 'non_saturating'")
+    if loss == "hinge" and config.get("label_smoothing", 0.0):
+        problems.append(f"label_smoothing = {config['label_smoothing']!r} has no meaning for the hinge loss's "
+                        "margins: set it to 0.0, or loss = 'bce' or 'least_squares' (real target 1 - it)")
+    return problems
 
 
 # The minimum sample counts of the metrics (gan.metrics), found by reading the code and trying:

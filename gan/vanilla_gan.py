@@ -41,6 +41,7 @@ def notebook_parameters() -> dict:
     beta1 = 0.5                # Adam's beta1, both networks (0 relapsed early in training)
     beta2 = 0.999              # Adam's beta2, both networks (0.99 reached a score of 9 in fewer epochs over five seeds, for up to 0.02 of recall)
     g_loss = "non_saturating"  # "non_saturating" (the paper's practical choice) or "minimax" (log(1 - D(G(z))))
+    loss = "bce"               # the game: "bce" (the paper's; G's loss as g_loss says), "hinge" or "least_squares"
     label_smoothing = 0.0      # one-sided (Salimans et al. 2016): D's target for real images is 1 - this; 0.1 scored lower
     r1_gamma = 0.5             # R1 penalty gamma/2 * |grad of D at real images|^2 (Mescheder et al. 2018); 0 turns it off
     r1_every = 4               # steps between R1 penalty steps (lazy, as in StyleGAN2: 1/4 of the cost, same strength)
@@ -115,14 +116,26 @@ class Discriminator(nn.Module):
 
 # ---- Vanilla_GAN.ipynb, cell 15: The losses ----
 
-def discriminator_loss(real_logits, fake_logits, real_target=1.0):
-    # -[log D(x) + log(1 - D(G(z)))], averaged over each half of the batch.
+def discriminator_loss(real_logits, fake_logits, real_target=1.0, loss="bce"):
+    # D's raw outputs for the batch's real and generated halves, each half averaged. In the BCE game
+    # they are logits: D(x) = sigmoid(logit).
+    if loss == "hinge":
+        # E[max(0, 1 - D(x))] + E[max(0, 1 + D(G(z)))]: images beyond the margin give D no gradient.
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    if loss == "least_squares":
+        # 1/2 E[(D(x) - 1)^2] + 1/2 E[D(G(z))^2]: a fake far on the real side still gives a gradient.
+        return 0.5 * ((real_logits - real_target).square().mean() + fake_logits.square().mean())
+    # -[log D(x) + log(1 - D(G(z)))]
     real = F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, real_target))
     fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
     return real + fake
 
 
-def generator_loss(fake_logits, kind="non_saturating"):
+def generator_loss(fake_logits, kind="non_saturating", loss="bce"):
+    if loss == "hinge":
+        return -fake_logits.mean()  # raise D's score of the samples
+    if loss == "least_squares":
+        return 0.5 * (fake_logits - 1).square().mean()  # pull D's output for the samples to the real target
     if kind == "non_saturating":
         # maximise log D(G(z))  <=>  minimise BCE(D(G(z)), 1)
         return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
@@ -172,7 +185,7 @@ def recalibrate_batchnorm(generator, latent_dim, batches=10, batch_size=500, see
 # ---- Vanilla_GAN.ipynb, cell 19: One training step: Algorithm 1, the lazy R1 step, the EMA update ----
 
 def adversarial_update(G, D, opt_G, opt_D, real, latent_dim, g_loss="non_saturating", real_target=1.0,
-                       update_g=True):
+                       update_g=True, loss="bce"):
     # Algorithm 1's two halves: a D update on a batch of real and generated images, then (if update_g)
     # a G update. Returns detached [D loss, D(x), D(G(z)), G loss, 1 if G was updated] without
     # reading them to the host: the caller syncs only every few steps.
@@ -181,7 +194,7 @@ def adversarial_update(G, D, opt_G, opt_D, real, latent_dim, g_loss="non_saturat
     fake = G(z)
     # Real and fake through D in one pass: one larger matmul per layer instead of two small ones.
     logits = D(torch.cat([real, fake.detach()]))
-    loss_d = discriminator_loss(logits[:n], logits[n:], real_target)
+    loss_d = discriminator_loss(logits[:n], logits[n:], real_target, loss)
     opt_D.zero_grad(set_to_none=True)
     loss_d.backward()
     opt_D.step()
@@ -190,12 +203,13 @@ def adversarial_update(G, D, opt_G, opt_D, real, latent_dim, g_loss="non_saturat
         # Reuse this batch's fakes for G's step: same maths as fresh noise, one G forward fewer.
         # D's weights are frozen meanwhile, so backward computes only the gradient that flows to G.
         D.requires_grad_(False)
-        loss_g = generator_loss(D(fake), g_loss)
+        loss_g = generator_loss(D(fake), g_loss, loss)
         opt_G.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_G.step()
         D.requires_grad_(True)
-    probs = torch.sigmoid(logits.detach())
+    # D's outputs as logged: probabilities in the BCE game, the raw scores in the other two.
+    probs = torch.sigmoid(logits.detach()) if loss == "bce" else logits.detach()
     # torch.full launches a fill on the device; torch.tensor(...) would copy from the host and wait.
     return torch.stack([loss_d.detach(), probs[:n].mean(), probs[n:].mean(), loss_g.detach(),
                         torch.full((), float(update_g), device=real.device)])
@@ -227,7 +241,7 @@ def apply_step(parts, real, s, update_g, r1, ema_weight):
     # R1 step and the EMA update. `parts` holds G, D, G_ema, opt_G, opt_D; `s` the settings (the
     # parameters cell's names). Returns the detached statistics of adversarial_update.
     stats = adversarial_update(parts["G"], parts["D"], parts["opt_G"], parts["opt_D"], real, s["latent_dim"],
-                               s["g_loss"], 1.0 - s["label_smoothing"], update_g)
+                               s["g_loss"], 1.0 - s["label_smoothing"], update_g, s["loss"])
     if r1:
         r1_step(parts["D"], parts["opt_D"], real, s["r1_gamma"], s["r1_every"])
     if ema_weight is not None:

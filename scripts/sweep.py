@@ -40,7 +40,7 @@ from gan.mnist_classifier import load_classifier
 
 # The notebook parameters a sweep may change (the others are about files, logging and evaluation).
 RECIPE_PARAMETERS = ("seed", "train_subset", "batch_size", "d_steps", "lr_g", "lr_d", "beta1", "beta2", "g_loss",
-                     "label_smoothing", "r1_gamma", "r1_every", "ema_decay", "latent_dim", "g_hidden", "d_hidden",
+                     "loss", "label_smoothing", "r1_gamma", "r1_every", "ema_decay", "latent_dim", "g_hidden", "d_hidden",
                      "g_batchnorm", "d_dropout", "matmul_precision")
 
 

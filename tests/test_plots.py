@@ -5,6 +5,7 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")  # no display: plt.show() is then a no-op
+import matplotlib.axes  # noqa: E402
 
 from gan import plots as gp
 
@@ -28,3 +29,14 @@ def test_quality_plot_of_a_folder_without_classes_and_of_no_scores(tmp_path):
     assert (tmp_path / "fd.png").exists()
     assert not gp.plot_quality([{"epoch": 1, "train_seconds": 1.0}], tmp_path / "none.png", None, None)
     assert not (tmp_path / "none.png").exists()
+
+
+def test_training_plot_marks_each_games_equilibrium(tmp_path, monkeypatch):
+    lines = []
+    real_axhline = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda ax, y, **kw: lines.append(y) or real_axhline(ax, y, **kw))
+    history = [{"epoch": e, "d_loss": 1.2, "g_loss": 0.9, "d_x": 0.6, "d_g_z": 0.4} for e in (1, 2)]
+    for loss, there in (("bce", [1.3863, 0.5]), ("hinge", [2.0, 0.0]), ("least_squares", [0.25, 0.5])):
+        lines.clear()
+        gp.plot_training(history, tmp_path / f"{loss}.png", loss)
+        assert [round(y, 4) for y in lines] == there and (tmp_path / f"{loss}.png").stat().st_size > 0

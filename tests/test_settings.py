@@ -53,6 +53,8 @@ def test_parameters_from_names_a_missing_parameter(defaults):
     ("seed", -3, "an integer from 0 to 2**32-1"),
     ("seed", 2 ** 32, "an integer from 0 to 2**32-1"),  # NumPy's seed is 32 bits
     ("g_loss", "hinge", "'non_saturating' or 'minimax'"),
+    ("g_loss", "hinge", "the setting `loss`"),
+    ("loss", "wasserstein", "'bce' (the paper's game), 'hinge' or 'least_squares'"),
     ("g_batchnorm", 1, "True or False"),
     ("d_dropout", 1.0, "a number in [0, 1)"),
     ("label_smoothing", 0.5, "a number in [0, 0.5)"),
@@ -80,6 +82,15 @@ def test_bad_parameter_is_named_with_allowed_values(defaults, name, value, allow
 def test_every_bad_parameter_is_listed_at_once(defaults):
     msg = bad(defaults, lr_g=-1.0, batch_size=0, g_loss="wasserstein")
     assert "lr_g = -1.0" in msg and "batch_size = 0" in msg and "g_loss = 'wasserstein'" in msg
+
+
+def test_settings_only_the_bce_game_reads_are_refused_with_another_loss(defaults):
+    msg = bad(defaults, loss="hinge", g_loss="minimax", label_smoothing=0.1)
+    assert "g_loss = 'minimax' is a loss of the BCE game; loss = 'hinge' has its own" in msg
+    assert "label_smoothing = 0.1 has no meaning for the hinge loss" in msg
+    assert "label_smoothing" not in bad(defaults, loss="least_squares", g_loss="minimax", label_smoothing=0.1)
+    for loss in settings.LOSSES:  # each game with the settings it reads
+        settings.validate_parameters({**defaults, "loss": loss, "label_smoothing": 0.1 if loss != "hinge" else 0.0})
 
 
 @pytest.mark.parametrize("typo, meant", [("lr_gg", "lr_g"), ("epoch", "epochs"), ("batchsize", "batch_size")])

@@ -233,6 +233,36 @@ def test_discriminator_loss_values():
     assert method.discriminator_loss(real, fake, 0.9).item() == pytest.approx(smoothed, rel=1e-5)
 
 
+def test_hinge_and_least_squares_losses_by_hand():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-3.0, 0.0])
+    # hinge: mean(max(0, 1 - D(x))) + mean(max(0, 1 + D(G(z)))); G: -mean(D(G(z)))
+    assert method.discriminator_loss(real, fake, loss="hinge").item() == pytest.approx((0 + 0.5) / 2 + (0 + 1) / 2)
+    assert method.generator_loss(fake, loss="hinge").item() == pytest.approx(1.5)
+    # least squares: 1/2 mean((D(x) - target)^2) + 1/2 mean(D(G(z))^2); G: 1/2 mean((D(G(z)) - 1)^2)
+    assert method.discriminator_loss(real, fake, loss="least_squares").item() == pytest.approx(
+        0.5 * ((1 + 0.25) / 2 + (9 + 0) / 2))
+    assert method.discriminator_loss(real, fake, 0.9, "least_squares").item() == pytest.approx(
+        0.5 * ((1.1 ** 2 + 0.4 ** 2) / 2 + 9 / 2))
+    assert method.generator_loss(fake, loss="least_squares").item() == pytest.approx(0.5 * (16 + 1) / 2)
+
+
+@pytest.mark.parametrize("loss", ["hinge", "least_squares"])
+def test_the_other_games_update_both_and_log_ds_raw_scores(loss):
+    G, D, opt_G, opt_D = make_models()
+    D.eval()  # no dropout: the score below is the one the step sees
+    g0, d0 = weights(G), weights(D)
+    real = torch.rand(32, 784) * 2 - 1
+    with torch.no_grad():
+        raw_real = D(real).mean().item()  # D's score of the batch before its step: what is logged
+    out = method.adversarial_update(G, D, opt_G, opt_D, real, 100, loss=loss)
+    loss_d, d_x, _, _, g_updated = out.tolist()
+    assert torch.isfinite(out).all() and loss_d > 0 and g_updated == 1.0
+    assert d_x == pytest.approx(raw_real, rel=1e-4, abs=1e-6)  # the raw score, not its sigmoid
+    # Every tensor of G moves; D's last bias may not: with every score inside the hinge's margins its
+    # gradient is -1/n per real image and +1/n per fake, which cancel.
+    assert all(changed(g0, G)) and sum(changed(d0, D)) >= len(d0) - 1
+
+
 def test_r1_penalty_of_a_linear_discriminator():
     w = torch.linspace(-1, 1, 784)[None]
     D = linear_discriminator(w)
