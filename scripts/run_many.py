@@ -11,8 +11,8 @@ output goes to <out>/logs/. Run the same command again and finished runs are ski
 resume from their checkpoints, and runs that never reached a checkpoint start again.
 
 Without --scheduler the runs go to a Dask LocalCluster on this machine (no server to start): as many
-runs at once as --workers (default: one, with every core), each with --threads threads (default: the
-cores split between them), so that two runs on two cores do not fight over them. With --scheduler they go
+runs at once as --workers (default: one per core), each with --threads threads (default: the cores
+split between them), so that two runs on two cores do not fight over them. With --scheduler they go
 to a Dask cluster (`dask scheduler` on one machine, `dask worker <address>` on each of the others; the
 repository and the data at the same paths on every machine, as a shared file system gives them).
 
@@ -54,11 +54,12 @@ def cores() -> int:
 
 
 def split_cores(workers: int | None, threads: int | None, n_runs: int) -> tuple[int, int]:
-    """(runs at once, threads each) on this machine: by default one run at a time on every core (on 2
-    cores, two 1-thread runs at once trained fewer images in all than one 2-thread run, for both
-    notebooks: docs/many_runs.md), never more runs than there are; else the cores split between them."""
-    workers = max(1, min(workers or 1, n_runs))
-    return workers, max(1, threads or cores() // workers)
+    """(runs at once, threads each) on this machine: by default one run per core, one thread each (two
+    1-thread runs on 2 cores finish sooner together than one after the other with 2 threads each),
+    never more runs than there are."""
+    n = cores()
+    workers = max(1, min(workers or n, n_runs))
+    return workers, max(1, threads or n // workers)
 
 
 def connect(scheduler: str | None, workers: int):
@@ -93,7 +94,7 @@ def parse_args(argv):
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a setting for every run, as for make run")
     parser.add_argument("--out", default="", help="where the runs go (default runs/many_<date-time>)")
-    parser.add_argument("--workers", type=int, default=None, help="runs at once on this machine (default: 1)")
+    parser.add_argument("--workers", type=int, default=None, help="runs at once on this machine (default: cores)")
     parser.add_argument("--threads", type=int, default=None, help="threads per run (default: cores / workers)")
     parser.add_argument("--scheduler", default="", help="a Dask scheduler's address, e.g. tcp://head:8786")
     parser.add_argument("--no-progress-bar", action="store_true")

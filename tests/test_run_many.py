@@ -44,9 +44,9 @@ def final_numbers(run_dir: Path) -> dict:
 
 def test_the_local_engines_runs_equal_make_runs_and_finished_runs_are_not_run_again(tmp_path, data_env, capfd):
     out = tmp_path / "many"
-    assert run_many.main(many(out, "2", None, "--workers", "2")) == 0
+    assert run_many.main(many(out)) == 0
     err = capfd.readouterr().err
-    assert "2 runs of Vanilla_GAN.ipynb" in err and "2 at once, 1 thread(s) each" in err
+    assert "2 runs of Vanilla_GAN.ipynb" in err and "at once, 1 thread(s) each" in err
     # The same two runs as `make run` runs them (scripts/run_notebook.py), with the same one thread each
     # (both at once, as the engine ran them).
     singles = {seed: tmp_path / "single" / f"seed_{seed}" for seed in (0, 1)}
@@ -65,7 +65,7 @@ def test_the_local_engines_runs_equal_make_runs_and_finished_runs_are_not_run_ag
     assert "| defaults | 2/2 |" in summary and (out / "bands.png").is_file() and (out / "runs.csv").is_file()
     # Again: both are finished, so nothing runs (their logs do not grow) and the table is the same.
     logs = {p: p.stat().st_size for p in (out / "logs").iterdir()}
-    assert run_many.main(many(out, "2", None, "--workers", "2")) == 0
+    assert run_many.main(many(out)) == 0
     assert "defaults, seed 0: finished before" in capfd.readouterr().err
     assert {p: p.stat().st_size for p in (out / "logs").iterdir()} == logs
     assert (out / "summary.md").read_text() == summary
@@ -147,13 +147,11 @@ def test_a_run_on_the_local_engine_has_make_runs_environment_not_dasks(tmp_path,
     assert seen == {"MALLOC_TRIM_THRESHOLD_": None, **{n: threads and str(threads) for n in many_runs.THREAD_VARIABLES}}
 
 
-def test_by_default_one_run_at_a_time_takes_every_core(monkeypatch):
-    # On 2 cores two 1-thread runs at once trained fewer images in all than one 2-thread run
-    # (docs/many_runs.md); more at once only when asked for, with the cores split between them.
+def test_by_default_one_run_per_core_with_the_cores_split_between_them(monkeypatch):
     monkeypatch.setattr(run_many, "cores", lambda: 8)
-    assert run_many.split_cores(None, None, n_runs=5) == (1, 8)
-    assert run_many.split_cores(4, None, n_runs=5) == (4, 2)
-    assert run_many.split_cores(4, None, n_runs=2) == (2, 4)  # never more at once than there are runs
+    assert run_many.split_cores(None, None, n_runs=10) == (8, 1)
+    assert run_many.split_cores(None, None, n_runs=2) == (2, 4)  # never more at once than there are runs
+    assert run_many.split_cores(2, None, n_runs=5) == (2, 4)
     assert run_many.split_cores(3, 1, n_runs=5) == (3, 1)
 
 
