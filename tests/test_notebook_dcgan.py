@@ -96,6 +96,17 @@ def test_a_run_too_slow_for_train_minutes_trains_the_epochs_that_fit_and_says_so
     assert saved["epoch"] == 1 and saved["config"]["epochs"] == 1  # finished: a resume trains on only when asked
 
 
+@pytest.mark.parametrize("loss", ["hinge", "least_squares"])
+def test_the_other_games_train_with_their_own_losses_and_are_kept_in_the_checkpoint(dcgan_runs, loss):
+    bce = metrics_rows(dcgan_runs(epochs=3, eval_samples=0).check().run_dir)[0]
+    other = dcgan_runs(epochs=1, eval_samples=0, loss=loss).check()
+    row = metrics_rows(other.run_dir)[0]
+    assert all(math.isfinite(value) for value in row.values())
+    assert row["d_loss"] >= 0 and row["d_loss"] != bce["d_loss"] and row["g_loss"] != bce["g_loss"]  # another game
+    assert runs.load_checkpoint(other.run_dir / "checkpoint.pt")["config"]["loss"] == loss
+    assert (other.run_dir / "losses.png").is_file()
+
+
 def test_mnist_at_32_pixels_trains_with_one_channel(dcgan_runs):
     run = dcgan_runs(dataset="mnist", train_subset=256, epochs=1, eval_samples=0).check()
     assert json.loads((run.run_dir / "config.json").read_text())["channels"] == 1
